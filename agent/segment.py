@@ -1,0 +1,199 @@
+"""One MCAP segment on disk: written as ``NAME.mcap.active``, fsynced at a bounded interval,
+closed by finishing the MCAP summary, fsyncing, renaming to ``NAME.mcap`` and writing the
+manifest ``NAME.manifest.json`` beside it (see :mod:`agent.manifest`).
+
+Called only from the recorder's writer thread; every method may block on disk I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mcap.writer import CompressionType, Writer
+from mcap_protobuf.schema import register_schema
+
+from . import __version__
+from .errors import RecorderError
+from .schemas import Codec
+from .types import StreamInfo
+
+ACTIVE_SUFFIX = ".mcap.active"
+
+_COMPRESSION = {"none": CompressionType.NONE, "zstd": CompressionType.ZSTD,
+                "lz4": CompressionType.LZ4}
+
+
+class HashingFile:
+    """A write-only binary file that keeps a running sha256 and byte count of what was
+    written, so closing a segment needs no second read of it."""
+
+    def __init__(self, path: Path):
+        self._f: BinaryIO = open(path, "xb", buffering=1 << 20)
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._sha.update(data)
+        n = self._f.write(data)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fsync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentWriter:
+    """Writes one segment. ``window`` is the half-open ``[start_ns, end_ns)`` of the shared
+    timebase it covers; samples outside it (late arrivals) are still written and counted.
+    """
+
+    def __init__(self, directory: Path, name: str, index: int, window: tuple[int, int],
+                 metadata: dict[str, dict[str, str]], compression: str = "none",
+                 chunk_size: int = 4 << 20, fsync_interval_s: float = 1.0):
+        self.directory = directory
+        self.name = name
+        self.index = index
+        self.window = window
+        self.final_path = directory / f"{name}.mcap"
+        self.active_path = directory / f"{name}{ACTIVE_SUFFIX}"
+        self.compression = compression
+        self.fsync_interval_ns = int(fsync_interval_s * 1e9)
+        try:
+            self._file = HashingFile(self.active_path)
+        except OSError as e:
+            raise RecorderError(f"cannot create {self.active_path}: {e.strerror}") from e
+        self._writer = Writer(self._file, chunk_size=chunk_size,
+                              compression=_COMPRESSION[compression], enable_crcs=True)
+        self._writer.start(profile="", library=f"edgecap/{__version__}")
+        for mname, data in metadata.items():
+            self._writer.add_metadata(mname, data)
+        self._channels: dict[str, int] = {}
+        self._schemas: dict[str, int] = {}
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.t_first_ns: int | None = None
+        self.t_last_ns: int | None = None
+        self.late = 0
+        #: per stream: [t_ns, device_t_ns, host_rx_ns, seq] rows not yet written
+        self.pending_stamps: dict[str, list[list[int | None]]] = {}
+        self._last_sync = time.monotonic_ns()
+        self.closed = False
+
+    # -- writing ----------------------------------------------------------------------
+    def _channel(self, info: StreamInfo, codec: Codec) -> int:
+        cid = self._channels.get(info.name)
+        if cid is not None:
+            return cid
+        sid = self._schemas.get(codec.schema_name)
+        if sid is None:
+            if codec.proto_class is not None:
+                sid = register_schema(self._writer, codec.proto_class)
+            else:
+                sid = self._writer.register_schema(
+                    name=codec.schema_name, encoding="jsonschema",
+                    data=json.dumps(codec.json_schema or {"type": "object"}).encode())
+            self._schemas[codec.schema_name] = sid
+        meta = {"kind": info.kind.value, "encoding": info.encoding}
+        if info.rate_hz:
+            meta["rate_hz"] = repr(float(info.rate_hz))
+        if info.frame_id:
+            meta["frame_id"] = info.frame_id
+        cid = self._writer.register_channel(topic=info.name,
+                                            message_encoding=codec.message_encoding,
+                                            schema_id=sid, metadata=meta)
+        self._channels[info.name] = cid
+        self.stats[info.name] = {"messages": 0, "bytes": 0, "t_first_ns": None,
+                                 "t_last_ns": None}
+        return cid
+
+    def write(self, info: StreamInfo, codec: Codec, data: bytes, t_ns: int,
+              publish_ns: int, seq: int) -> None:
+        """Append one encoded message. Raises RecorderError on an I/O failure."""
+        cid = self._channel(info, codec)
+        try:
+            self._writer.add_message(channel_id=cid, log_time=t_ns, data=data,
+                                     publish_time=publish_ns, sequence=seq & 0xFFFFFFFF)
+        except OSError as e:
+            raise RecorderError(f"write to {self.active_path} failed: {e.strerror}") from e
+        st = self.stats[info.name]
+        st["messages"] += 1
+        st["bytes"] += len(data)
+        if st["t_first_ns"] is None or t_ns < st["t_first_ns"]:
+            st["t_first_ns"] = t_ns
+        if st["t_last_ns"] is None or t_ns > st["t_last_ns"]:
+            st["t_last_ns"] = t_ns
+        if self.t_first_ns is None or t_ns < self.t_first_ns:
+            self.t_first_ns = t_ns
+        if self.t_last_ns is None or t_ns > self.t_last_ns:
+            self.t_last_ns = t_ns
+        if not (self.window[0] <= t_ns < self.window[1]):
+            self.late += 1
+
+    def add_metadata(self, name: str, data: dict[str, str]) -> None:
+        self._writer.add_metadata(name, data)
+
+    def sync_due(self) -> bool:
+        """True when the fsync interval has passed since the last ``sync``."""
+        return time.monotonic_ns() - self._last_sync >= self.fsync_interval_ns
+
+    def sync(self) -> None:
+        """Flush the open chunk to the file and fsync it."""
+        try:
+            self._writer.flush()
+            self._file.fsync()
+        except OSError as e:
+            raise RecorderError(f"fsync of {self.active_path} failed: {e.strerror}") from e
+        self._last_sync = time.monotonic_ns()
+
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    # -- closing ----------------------------------------------------------------------
+    def close(self) -> tuple[Path, str, int]:
+        """Finish the MCAP, fsync, rename ``.active`` → ``.mcap`` and fsync the directory.
+        Returns ``(final_path, sha256, size)``. The manifest is the caller's to write."""
+        try:
+            self._writer.finish()
+            self._file.fsync()
+            self._file.close()
+            os.rename(self.active_path, self.final_path)
+            fsync_dir(self.directory)
+        except OSError as e:
+            raise RecorderError(f"closing {self.active_path} failed: {e.strerror}") from e
+        self.closed = True
+        return self.final_path, self._file.hexdigest(), self._file.size
+
+    def abandon(self) -> None:
+        """Close the file handle after a failed write, leaving ``.active`` for recovery."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self.closed = True
