@@ -64,6 +64,8 @@ class Emulator(ABC):
         self._started = True
 
     def stop(self) -> None:
+        if self.stop_event.is_set() and not self._started:
+            return
         self.stop_event.set()
         if self._started:
             self._started = False
