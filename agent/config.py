@@ -111,6 +111,24 @@ class ClockConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class OperationsConfig(_Strict):
+    """``[operations]``: systemd watchdog, metrics endpoint (see docs/operations.md)."""
+
+    stall_periods: float = Field(default=3.0, gt=0, description="a required stream with no "
+                                 "sample for max(stall_periods / rate_hz, stall_min_s) is stalled")
+    stall_min_s: float = Field(default=1.0, gt=0)
+    stall_unknown_rate_s: float = Field(default=5.0, gt=0,
+                                        description="stall deadline of a stream without rate_hz")
+    require_clock_lock: bool = True
+    clock_lock_grace_s: float = Field(default=30.0, ge=0,
+                                      description="after READY, an unlocked clock is tolerated")
+    degraded_ok: bool = Field(default=False, description="keep feeding the watchdog while "
+                              "unhealthy, with a loud STATUS")
+    status_interval_s: float = Field(default=2.0, gt=0, le=600)
+    metrics_port: int = Field(default=9108, ge=0, le=65535, description="0 = no endpoint")
+    metrics_bind: str = "127.0.0.1"
+
+
 class RigConfig(_Strict):
     """The whole rig file. ``source_path`` and ``digest`` are filled by ``load_config``."""
 
@@ -122,6 +140,7 @@ class RigConfig(_Strict):
     triggers: list[TriggerConfig] = Field(default_factory=list)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)
+    operations: OperationsConfig = Field(default_factory=OperationsConfig)
 
     source_path: str = Field(default="<memory>", exclude=True)
     digest: str = Field(default="", exclude=True)
