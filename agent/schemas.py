@@ -158,3 +158,19 @@ def codec_for(info: StreamInfo) -> Codec:
 def decode_points(data: bytes) -> np.ndarray:
     """PointCloud ``data`` written by this module back to a POINT_DTYPE array."""
     return np.frombuffer(data, dtype=POINT_DTYPE)
+
+
+class JsonDecoderFactory:
+    """mcap reader plug-in for edgecap's JSON channels (answers None for anything else)."""
+
+    def decoder_for(self, message_encoding: str, schema: Any) -> Callable[[bytes], Any] | None:
+        if message_encoding != "json":
+            return None
+        return lambda data: json.loads(data)
+
+
+def decoder_factories() -> list[Any]:
+    """Decoder factories for every encoding edgecap writes (protobuf and JSON)."""
+    from mcap_protobuf.decoder import DecoderFactory
+
+    return [DecoderFactory(), JsonDecoderFactory()]
