@@ -43,8 +43,9 @@ def _address(raw: str | None) -> str | bytes | None:
 
 
 class Notifier:
-    """Sends sd_notify messages. ``send`` never raises and never blocks for long (a
-    non-blocking datagram; a full or missing socket is counted in ``errors``). Thread-safe.
+    """Sends sd_notify messages. ``send`` never raises and blocks at most
+    ``send_timeout_s`` (0.5 s) when the manager's queue is full; failures (full queue,
+    missing socket) are counted in ``errors`` and logged sparingly. Thread-safe.
 
     ``address``: the NOTIFY_SOCKET value; default ``$NOTIFY_SOCKET``.
     """
@@ -56,6 +57,7 @@ class Notifier:
             log.warning("NOTIFY_SOCKET=%r not supported; systemd notifications disabled", raw)
         self.errors = 0
         self.sent = 0
+        self.send_timeout_s = 0.5
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -72,7 +74,7 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                    self._sock.setblocking(False)
+                    self._sock.settimeout(self.send_timeout_s)
                 self._sock.sendto(msg, self.address)
             except OSError as e:
                 self.errors += 1
@@ -126,14 +128,14 @@ class Heartbeat:
         self.notifier = notifier or Notifier()
         self.half_ns = (usec if usec is not None else (watchdog_usec() or 0)) * 500
         self.now_ns = now_ns
-        self._last = 0
+        self._last: int | None = None
 
     def ready(self, status: str | None = None) -> None:
         self.notifier.ready(status)
 
     def beat(self, status: str | None = None) -> None:
         now = self.now_ns()
-        if self.half_ns and now - self._last >= self.half_ns:
+        if self.half_ns and (self._last is None or now - self._last >= self.half_ns):
             self.notifier.send("WATCHDOG=1", *([f"STATUS={status}"] if status else []))
             self._last = now
 
@@ -193,7 +195,7 @@ class Supervisor:
         self.rates = RateMeter(window_s=5.0, min_span_s=0.25)
         self.started_ns = now_ns()
         self.ready_ns: int | None = None
-        self.last_feed_ns = 0
+        self.last_feed_ns: int | None = None
         self.last_status_ns = 0
         self.last_status = ""
         self.feeds = 0
@@ -291,7 +293,8 @@ class Supervisor:
         feed = ready and (healthy or degraded)
 
         fed = False
-        if feed and self.feed_every_ns and now - self.last_feed_ns >= self.feed_every_ns:
+        if feed and self.feed_every_ns and (self.last_feed_ns is None
+                                            or now - self.last_feed_ns >= self.feed_every_ns):
             fed = self.notifier.watchdog()
             self.last_feed_ns = now
             self.feeds += 1
