@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,16 +32,61 @@ _COMPRESSION = {"none": CompressionType.NONE, "zstd": CompressionType.ZSTD,
 
 class HashingFile:
     """A write-only binary file that keeps a running sha256 and byte count of what was
-    written, so closing a segment needs no second read of it."""
+    written, so closing a segment needs no second read of it.
+
+    Hashing and the periodic fsync run on helper threads (hashlib and fsync release the
+    GIL), so on a multi-core machine they overlap with the writer instead of stalling it.
+    ``write`` may only be given immutable ``bytes`` (what the mcap writer passes). An error
+    of a background fsync is raised by the next ``write``/``fsync_async``/``fsync``.
+    """
 
     def __init__(self, path: Path):
         self._f: BinaryIO = open(path, "xb", buffering=1 << 20)
         self._sha = hashlib.sha256()
+        self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._hasher = threading.Thread(target=self._hash_loop, name="edgecap-sha256",
+                                        daemon=True)
+        self._hasher.start()
+        self._sync_req = threading.Event()
+        self._sync_stop = False
+        self._sync_error: OSError | None = None
+        self._syncer = threading.Thread(target=self._sync_loop, name="edgecap-fsync",
+                                        daemon=True)
+        self._syncer.start()
+        self._digest: str | None = None
         self.size = 0
 
-    def write(self, data: bytes | memoryview) -> int:
-        self._sha.update(data)
+    def _hash_loop(self) -> None:
+        while (data := self._q.get()) is not None:
+            self._sha.update(data)
+
+    def _sync_loop(self) -> None:
+        fd = self._f.fileno()
+        while True:
+            self._sync_req.wait()
+            self._sync_req.clear()
+            if self._sync_stop:
+                return
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                self._sync_error = e
+
+    def _raise_sync_error(self) -> None:
+        if self._sync_error is not None:
+            err, self._sync_error = self._sync_error, None
+            raise err
+
+    def fsync_async(self) -> None:
+        """Hand what was written to the OS and let the fsync thread make it durable."""
+        self._raise_sync_error()
+        self._f.flush()
+        self._sync_req.set()
+
+    def write(self, data: bytes) -> int:
+        self._raise_sync_error()
         n = self._f.write(data)
+        self._q.put(data if isinstance(data, bytes) else bytes(data))
         self.size += n
         return n
 
@@ -50,14 +97,28 @@ class HashingFile:
         self._f.flush()
 
     def fsync(self) -> None:
+        """Synchronous flush + fsync (used when closing)."""
+        self._raise_sync_error()
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
+        self._sync_stop = True
+        self._sync_req.set()
+        self._syncer.join()
         self._f.close()
+        self._finish_hash()
+
+    def _finish_hash(self) -> None:
+        if self._digest is None:
+            self._q.put(None)
+            self._hasher.join()
+            self._digest = self._sha.hexdigest()
 
     def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+        self._finish_hash()
+        assert self._digest is not None
+        return self._digest
 
 
 def fsync_dir(path: Path) -> None:
@@ -163,10 +224,11 @@ class SegmentWriter:
         return time.monotonic_ns() - self._last_sync >= self.fsync_interval_ns
 
     def sync(self) -> None:
-        """Flush the open chunk to the file and fsync it."""
+        """Flush the open chunk to the file and start its fsync on the fsync thread (the
+        writer does not wait; a failure surfaces on the next write)."""
         try:
             self._writer.flush()
-            self._file.fsync()
+            self._file.fsync_async()
         except OSError as e:
             raise RecorderError(f"fsync of {self.active_path} failed: {e.strerror}") from e
         self._last_sync = time.monotonic_ns()
