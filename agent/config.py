@@ -93,7 +93,49 @@ class SyncConfig(_Strict):
     delete_after_upload: bool = False
     chunk_kb: int = Field(default=1024, ge=16, le=65536)
     window: int = Field(default=8, ge=1, le=256, description="chunks in flight")
+    upload_hours: list[str] = Field(default_factory=list,
+                                    description='local-time windows, e.g. ["22:00-06:00"]')
+    poll_s: float = Field(default=2.0, gt=0, le=3600, description="spool scan interval")
+    timeout_s: float = Field(default=10.0, gt=0, le=600, description="silent link is dead")
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("upload_hours")
+    @classmethod
+    def _hours(cls, v: list[str]) -> list[str]:
+        import re
+
+        for w in v:
+            m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)", w)
+            if not m or (m[3] == "24" and m[4] != "00"):
+                raise ValueError(f"expected windows like '22:00-06:00', got {w!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _plain_only_on_loopback(self) -> "SyncConfig":
+        if self.insecure and not loopback_endpoint(self.server):
+            raise ValueError(f"insecure = true (no CURVE encryption) is allowed only for a "
+                             f"loopback server such as tcp://127.0.0.1:7450, not {self.server}")
+        return self
+
+
+def loopback_endpoint(endpoint: str) -> bool:
+    """True for a ZeroMQ endpoint that cannot leave this machine: ``ipc://``/``inproc://``
+    or ``tcp://`` on localhost, 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ProvenanceConfig(_Strict):
