@@ -73,7 +73,7 @@ def inspect_path(path: str | Path, deep: bool = True) -> dict[str, Any]:
         n, a, b = agg["messages"], agg["t_first_ns"], agg["t_last_ns"]
         agg["rate_hz"] = (n - 1) / ((b - a) / 1e9) if n > 1 and b and a and b > a else None
     for a in active:
-        problems.append(f"{a.name}: unclosed segment (crash?); recover with the recorder")
+        problems.append(f"{a.name}: unclosed segment (crash?); run `edgecap recover` on it")
     return {"path": str(path), "sessions": sorted(sessions), "segments": segments,
             "unclosed": [str(a) for a in active], "streams": streams,
             "duration_s": (t_max - t_min) / 1e9 if t_min is not None and t_max else 0.0,

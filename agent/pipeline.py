@@ -84,11 +84,15 @@ class Pipeline:
         self._stopping = threading.Event()
         self.started_ns = 0
         self.driver_failures: dict[str, int] = {}
+        self.recovered: list[dict[str, Any]] = []
 
     # -- lifecycle --------------------------------------------------------------------
     def open(self) -> None:
         """Open every driver and prepare the recorder. On a failure, drivers already
         opened are closed again and DriverError names the stream."""
+        from .recovery import recover_all
+
+        self.recovered = recover_all(self.out_dir, self.cfg.recorder.fsync_interval_s)
         opened: list[Driver] = []
         try:
             for d in self.drivers:

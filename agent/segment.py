@@ -155,6 +155,9 @@ class SegmentWriter:
         self._writer.start(profile="", library=f"edgecap/{__version__}")
         for mname, data in metadata.items():
             self._writer.add_metadata(mname, data)
+        self._writer.add_metadata("edgecap.segment", {
+            "name": name, "index": str(index), "window_start_ns": str(window[0]),
+            "window_end_ns": str(window[1])})
         self._channels: dict[str, int] = {}
         self._schemas: dict[str, int] = {}
         self.stats: dict[str, dict[str, Any]] = {}

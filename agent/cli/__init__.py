@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "agent.cli.record",
     "agent.cli.inspect_cmd",
     "agent.cli.config_cmd",
+    "agent.cli.recover_cmd",
 ]
 
 

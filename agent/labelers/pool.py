@@ -1,0 +1,391 @@
+"""The labeler pool: feeds captured samples to labelers without ever slowing capture.
+
+    reader thread ──tap: offer(sample)──▶ sampling policy (every_n, max_rate_hz)
+        ──▶ bounded per-labeler queue (full: the oldest waiting sample is skipped, counted)
+    worker thread (one per labeler) ──label()──▶ label Samples ──▶ pipeline.push (recorder)
+                                                        ├──▶ latest/nearest store
+                                                        ├──▶ subscribers (triggers)
+                                                        └──▶ chained labelers (fusion)
+
+``offer`` is the pipeline tap: called in driver reader threads, it takes one short lock per
+labeler and returns; it never waits for a worker. Raw capture therefore never depends on
+labeling speed: labels are skipped (``skipped``) before a raw sample could be held up.
+Latency of a label is ``time.monotonic_ns()`` when it is ready minus the source sample's
+``host_rx_ns`` (both host monotonic), kept for the last 4096 labels per labeler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from agent.config import LabelerConfig, RigConfig
+from agent.types import Sample, StreamInfo
+
+from . import Labeler, LabelerError, create
+
+log = logging.getLogger("edgecap.labelers")
+
+Subscriber = Callable[[Sample, list[dict[str, Any]]], None]
+
+LABEL_QUEUE_ITEMS = 512
+LABEL_QUEUE_BYTES = 32 << 20
+
+
+@dataclass
+class _Route:
+    """One input stream of one labeler, with its sampling state (reader-thread owned)."""
+
+    stream: str
+    every_n: int
+    period_ns: int  # 0: no rate limit
+    seen: int = 0
+    last_t_ns: int | None = None
+    offered: int = 0
+    sampled_out: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class _Worker:
+    labeler: Labeler
+    cfg: LabelerConfig
+    name: str
+    routes: dict[str, _Route] = field(default_factory=dict)
+    queue: deque[Sample] = field(default_factory=deque)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    thread: threading.Thread | None = None
+    labeled: int = 0
+    labels_out: int = 0
+    errors: int = 0
+    busy_ns: int = 0
+    latencies_ns: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+    high_water: int = 0
+
+
+class LabelerPool:
+    """Labelers of a rig, their queues and worker threads.
+
+    Lifecycle: ``LabelerPool.from_config(cfg)`` (loads models; raises LabelerError) →
+    ``attach(pipeline)`` after ``pipeline.open()`` (declares label streams, registers the
+    tap) or ``plan(infos)`` + ``push=`` for use without a pipeline → ``start()`` →
+    ``stop()`` before ``pipeline.stop()`` (drains what is queued, within a timeout).
+    """
+
+    def __init__(self, labelers: list[Labeler], push: Callable[[Sample], None] | None = None):
+        self.workers = [_Worker(lab, lab.cfg, f"{lab.cfg.kind}#{i}")
+                        for i, lab in enumerate(labelers)]
+        self.push = push or (lambda s: None)
+        self.infos: dict[str, StreamInfo] = {}
+        self.outputs: list[StreamInfo] = []
+        self._routes: dict[str, list[tuple[_Worker, _Route]]] = {}
+        self._subs: list[Subscriber] = []
+        self._history: dict[str, deque[tuple[Sample, list[dict[str, Any]]]]] = {}
+        self._hist_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._started = False
+        self._drain_deadline = 0.0
+        self.subscriber_errors = 0
+        self.flags: dict[str, dict[str, int]] = {}  # privacy flag -> source stream -> count
+
+    @classmethod
+    def from_config(cls, cfg: RigConfig | list[LabelerConfig],
+                    push: Callable[[Sample], None] | None = None) -> "LabelerPool":
+        cfgs = cfg.labelers if isinstance(cfg, RigConfig) else cfg
+        labs: list[Labeler] = []
+        try:
+            for i, lc in enumerate(cfgs):
+                try:
+                    labs.append(create(lc))
+                except LabelerError as e:
+                    raise LabelerError(f"labelers[{i}] ({lc.kind}): {e}") from None
+        except BaseException:
+            for lab in labs:
+                lab.close()
+            raise
+        return cls(labs, push)
+
+    # -- set-up ---------------------------------------------------------------------
+    def plan(self, infos: Iterable[StreamInfo]) -> list[StreamInfo]:
+        """Route input streams to labelers and return the label streams they will write.
+
+        A labeler takes a stream named in its ``streams`` — or a label stream whose source
+        is named there (so ``fusion.project`` on ``/lidar/top`` takes the ``lidar.clusters``
+        labels of ``/lidar/top``) — when ``accepts`` says yes. Raises LabelerError when a
+        configured stream is absent or no labeler input matched.
+        """
+        self.infos = {i.name: i for i in infos}
+        ctx = _Context(self)
+        for w in self.workers:
+            w.labeler.context = ctx
+        self.outputs = []
+        done: set[tuple[str, str]] = set()
+        changed = True
+        while changed:  # label streams may feed later labelers: repeat until stable
+            changed = False
+            for w in self.workers:
+                for info in list(self.infos.values()):
+                    key = (w.name, info.name)
+                    src = info.params.get("source") if info.kind.value == "label" else None
+                    if key in done or not (info.name in w.cfg.streams or src in w.cfg.streams):
+                        continue
+                    if not w.labeler.accepts(info):
+                        continue
+                    done.add(key)
+                    stateful = w.labeler.stateful
+                    route = _Route(info.name, 1 if stateful else w.cfg.every_n,
+                                   0 if stateful or not w.cfg.max_rate_hz
+                                   else int(1e9 / w.cfg.max_rate_hz))
+                    w.routes[info.name] = route
+                    self._routes.setdefault(info.name, []).append((w, route))
+                    for out in w.labeler.outputs(info):
+                        if out.name not in self.infos:
+                            self.infos[out.name] = out
+                            self.outputs.append(out)
+                            changed = True
+        for w in self.workers:
+            for s in w.cfg.streams:
+                if s not in self.infos:
+                    raise LabelerError(f"{w.name}: stream {s} does not exist; streams: "
+                                       f"{sorted(self.infos)}")
+            if not w.routes:
+                kinds = {s: f"{self.infos[s].kind.value}/{self.infos[s].encoding}"
+                         for s in w.cfg.streams}
+                raise LabelerError(f"{w.name} cannot label {kinds}")
+        return list(self.outputs)
+
+    def attach(self, pipeline: Any) -> list[StreamInfo]:
+        """Wire into an opened (not yet started) :class:`agent.pipeline.Pipeline`: declare
+        the label streams, register them with the recorder, add the tap, push labels into
+        the pipeline. Returns the label streams."""
+        outs = self.plan(list(pipeline.infos.values()))
+        rec = getattr(pipeline, "recorder", None)
+        for info in outs:
+            q = pipeline.add_stream(info, LABEL_QUEUE_ITEMS, LABEL_QUEUE_BYTES, "drop_oldest")
+            if rec is not None:  # the recorder was made in open(): register late streams
+                rec.add_stream(info, q)
+                rec.metadata.setdefault("edgecap.streams", {})[info.name] = json.dumps(
+                    {"kind": info.kind.value, "encoding": info.encoding,
+                     "rate_hz": info.rate_hz,
+                     "params": {k: v for k, v in info.params.items()
+                                if isinstance(v, (int, float, str))}})
+        if rec is not None:
+            rec.metadata["edgecap.labelers"] = {
+                w.name: json.dumps({"kind": w.cfg.kind, "streams": w.cfg.streams,
+                                    "model": w.labeler.model.as_dict()})
+                for w in self.workers}
+        self.push = pipeline.push
+        pipeline.taps.append(self.offer)
+        return outs
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._stopping.clear()
+        for w in self.workers:
+            w.thread = threading.Thread(target=self._run, args=(w,), daemon=True,
+                                        name=f"labeler:{w.name}")
+            w.thread.start()
+
+    def stop(self, drain_timeout_s: float = 5.0) -> None:
+        """Stop taking samples, label what is queued (up to ``drain_timeout_s``), join the
+        workers and close the labelers. Call before ``pipeline.stop()``."""
+        deadline = time.monotonic() + drain_timeout_s
+        self._drain_deadline = deadline
+        self._stopping.set()
+        for w in self.workers:
+            with w.cond:
+                w.cond.notify_all()
+        for w in self.workers:
+            if w.thread is not None:
+                w.thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        for w in self.workers:
+            with w.cond:  # whatever did not get labeled in time is counted as skipped
+                for s in w.queue:
+                    r = w.routes.get(s.stream)
+                    if r is not None:
+                        r.skipped += 1
+                w.queue.clear()
+            try:
+                w.labeler.close()
+            except Exception:
+                log.exception("%s: close failed", w.name)
+        self._started = False
+
+    # -- the tap (reader threads) -----------------------------------------------------
+    def offer(self, sample: Sample) -> None:
+        """Offer a sample to every labeler routed to its stream. Never blocks."""
+        routes = self._routes.get(sample.stream)
+        if not routes or self._stopping.is_set():
+            return
+        for w, r in routes:
+            r.offered += 1
+            r.seen += 1
+            if r.every_n > 1 and (r.seen - 1) % r.every_n:
+                r.sampled_out += 1
+                continue
+            if r.period_ns:
+                t = sample.t_ns or sample.host_rx_ns
+                # 5 % tolerance so that jitter does not halve a rate equal to the limit
+                if r.last_t_ns is not None and t - r.last_t_ns < r.period_ns * 0.95:
+                    r.sampled_out += 1
+                    continue
+                r.last_t_ns = t
+            with w.cond:
+                if len(w.queue) >= w.cfg.queue_size:
+                    old = w.queue.popleft()
+                    ro = w.routes.get(old.stream)
+                    if ro is not None:
+                        ro.skipped += 1
+                w.queue.append(sample)
+                if len(w.queue) > w.high_water:
+                    w.high_water = len(w.queue)
+                w.cond.notify()
+
+    # -- workers ----------------------------------------------------------------------
+    def _run(self, w: _Worker) -> None:
+        while True:
+            with w.cond:
+                while not w.queue and not self._stopping.is_set():
+                    w.cond.wait(0.5)
+                if not w.queue:
+                    return
+                if self._stopping.is_set() and time.monotonic() > self._drain_deadline:
+                    return  # stop() counts what is left as skipped
+                s = w.queue.popleft()
+            self._label_one(w, s)
+
+    def _label_one(self, w: _Worker, s: Sample) -> None:
+        t0 = time.monotonic_ns()
+        try:
+            labels = w.labeler.label(s)
+        except Exception as e:  # a labeler bug must not take the agent down
+            w.errors += 1
+            if w.errors <= 5 or w.errors % 1000 == 0:
+                log.warning("%s: labeling %s failed (%d so far): %s", w.name, s.stream,
+                            w.errors, e)
+            return
+        now = time.monotonic_ns()
+        w.busy_ns += now - t0
+        w.labeled += 1
+        if s.host_rx_ns:
+            w.latencies_ns.append(now - s.host_rx_ns)
+        for lab in labels:
+            lab.host_rx_ns = now
+            if not lab.t_ns:
+                lab.t_ns = s.t_ns
+            dets = lab.meta.get("detections", [])
+            w.labels_out += 1
+            try:
+                self.push(lab)
+            except Exception:
+                w.errors += 1
+                log.exception("%s: push failed", w.name)
+            self._remember(lab, dets)
+            for sub in list(self._subs):
+                try:
+                    sub(lab, dets)
+                except Exception:
+                    self.subscriber_errors += 1
+                    log.exception("label subscriber failed")
+            if lab.stream in self._routes:
+                self.offer(lab)
+
+    def _remember(self, lab: Sample, dets: list[dict[str, Any]]) -> None:
+        with self._hist_lock:
+            h = self._history.get(lab.stream)
+            if h is None:
+                h = self._history[lab.stream] = deque(maxlen=64)
+            h.append((lab, dets))
+            for d in dets:
+                flag = d.get("privacy")
+                if flag:
+                    per = self.flags.setdefault(flag, {})
+                    per[d["stream"]] = per.get(d["stream"], 0) + 1
+
+    # -- consumers (any thread) -------------------------------------------------------
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(label_sample, detections)`` for every label, on the worker thread
+        that made it (keep it short; exceptions are counted and logged). ``detections`` are
+        plain dicts (see :func:`agent.labelers.detection`). Returns an unsubscribe function."""
+        self._subs.append(callback)
+        return lambda: self._subs.remove(callback) if callback in self._subs else None
+
+    def latest(self, label_stream: str) -> tuple[Sample, list[dict[str, Any]]] | None:
+        """The newest label of a label stream and its detections, or None."""
+        with self._hist_lock:
+            h = self._history.get(label_stream)
+            return h[-1] if h else None
+
+    def nearest(self, label_stream: str, t_ns: int, max_dt_ns: int
+                ) -> tuple[Sample, list[dict[str, Any]]] | None:
+        """The remembered label (last 64) closest in ``t_ns`` within ``max_dt_ns``."""
+        with self._hist_lock:
+            h = list(self._history.get(label_stream, ()))
+        best = min(h, key=lambda e: abs(e[0].t_ns - t_ns), default=None)
+        if best is None or abs(best[0].t_ns - t_ns) > max_dt_ns:
+            return None
+        return best
+
+    def queued(self) -> int:
+        return sum(len(w.queue) for w in self.workers)
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """Block until every queue is empty and no worker is mid-sample (tests, replay)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.queued() and all(self._idle(w) for w in self.workers):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _idle(self, w: _Worker) -> bool:
+        done = w.labeled + w.errors
+        taken = sum(r.offered - r.sampled_out - r.skipped for r in w.routes.values())
+        return done >= taken - len(w.queue)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters per labeler and per input stream, latency p50/p99 (ms), busy share."""
+        out: dict[str, Any] = {}
+        for w in self.workers:
+            lat = np.asarray(w.latencies_ns, dtype=np.float64)
+            out[w.name] = {
+                "kind": w.cfg.kind, "model": w.labeler.model.as_dict(),
+                "offered": sum(r.offered for r in w.routes.values()),
+                "sampled_out": sum(r.sampled_out for r in w.routes.values()),
+                "skipped": sum(r.skipped for r in w.routes.values()),
+                "labeled": w.labeled, "labels_out": w.labels_out, "errors": w.errors,
+                "bad_input": w.labeler.bad_input, "queue_depth": len(w.queue),
+                "queue_high_water": w.high_water,
+                "busy_s": round(w.busy_ns / 1e9, 3),
+                "latency_ms_p50": round(float(np.percentile(lat, 50)) / 1e6, 2) if lat.size
+                else None,
+                "latency_ms_p99": round(float(np.percentile(lat, 99)) / 1e6, 2) if lat.size
+                else None,
+                "streams": {r.stream: {"offered": r.offered, "sampled_out": r.sampled_out,
+                                       "skipped": r.skipped} for r in w.routes.values()},
+            }
+        return out
+
+
+class _Context:
+    """What labelers may ask the pool (see :class:`agent.labelers.LabelContext`)."""
+
+    def __init__(self, pool: LabelerPool):
+        self._pool = pool
+
+    @property
+    def infos(self) -> dict[str, StreamInfo]:
+        return self._pool.infos
+
+    def nearest(self, label_stream: str, t_ns: int, max_dt_ns: int
+                ) -> tuple[Sample, list[dict[str, Any]]] | None:
+        return self._pool.nearest(label_stream, t_ns, max_dt_ns)
