@@ -197,7 +197,12 @@ def stream_paths(sc: StreamConfig) -> list[tuple[str, int]]:
                 path = u.path
         if path is None:
             continue
-        is_dev = path.startswith("/dev/") or urlsplit(v).scheme in _DEVICE_SCHEMES - {"", "file"}
+        try:
+            is_chr = stat.S_ISCHR(os.stat(path).st_mode)
+        except OSError:
+            is_chr = False
+        is_dev = (is_chr or path.startswith("/dev/")
+                  or urlsplit(v).scheme in _DEVICE_SCHEMES - {"", "file"})
         read_only = Path(path).name.startswith(("pps", "ptp")) or not is_dev
         want = os.R_OK if read_only else os.R_OK | os.W_OK
         if (path, want) not in out:
@@ -386,10 +391,9 @@ def check_disk(cfg: RigConfig, who: Principal, probe: Probe,
 
     if probe.write_test_mb > 0:
         mb = probe.write_test_mb
-        if mb * (1 << 20) > free * 0.5:
-            checks.append(Check("disk", Level.FAIL if free < 256 << 20 else Level.SKIP,
-                                f"write test of {mb:.0f} MiB skipped: too little free space",
-                                "free space first"))
+        if free < 256 << 20 or mb * (1 << 20) > free * 0.5:
+            checks.append(Check("disk", Level.SKIP, f"write test of {mb:.0f} MiB skipped: "
+                                f"only {_human(free)} free", "free space first"))
             return checks
         existing.mkdir(parents=True, exist_ok=True)
         try:

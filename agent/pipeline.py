@@ -28,6 +28,7 @@ from . import __version__
 from .clock import ClockStage, Timebase
 from .config import RigConfig
 from .errors import DriverError
+from .quality import QualityMonitor
 from .queues import StreamQueue
 from .recorder import Recorder
 from .types import Sample, StreamInfo
@@ -138,6 +139,9 @@ class Pipeline:
             compression=choose_compression(rc.compression, infos), chunk_kb=rc.chunk_kb,
             fsync_interval_s=rc.fsync_interval_s, late_grace_s=rc.late_grace_s, live=self.live)
         self.recorder.clock_summary = self.clock.summary
+        self.recorder.quality = QualityMonitor(
+            dict(self.infos), self.cfg.provenance.model_dump(),
+            required={s.name for s in self.cfg.streams if s.required and s.name in self.infos})
         for name, info in self.infos.items():
             drv = self._driver_of.get(name)
             self.recorder.add_stream(

@@ -93,6 +93,8 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._error_backoff_until = 0
         self.clock_summary: Callable[[], dict[str, Any]] = dict
+        #: optional :class:`agent.quality.QualityMonitor`; fills the manifest's quality
+        self.quality: Any = None
         session_dir.mkdir(parents=True, exist_ok=True)
 
     # -- setup ------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class Recorder:
             return
         seg.pending_stamps.setdefault(s.stream, []).append(
             [s.t_ns, s.device_t_ns, s.host_rx_ns, s.seq])
+        if self.quality is not None:
+            self.quality.observe(seg.name, s)
         if seg.size >= self.max_segment_bytes:
             self._split(seg)
 
@@ -277,6 +281,11 @@ class Recorder:
         for name in (STAMPS_TOPIC, COUNTERS_TOPIC):
             if name in seg.stats:
                 streams[name] = {**seg.stats[name], "kind": "meta", "encoding": "json"}
+        clock = self.clock_summary()
+        span = ((seg.t_first_ns, seg.t_last_ns) if seg.t_first_ns is not None
+                and seg.t_last_ns is not None else None)
+        quality = (self.quality.report(seg.name, span, streams, clock)
+                   if self.quality is not None else None)
         return {
             **self.manifest_extra,
             "session_id": self.session_id,
@@ -296,7 +305,8 @@ class Recorder:
             "agent_version": __version__,
             "streams": streams,
             "disk_drops_total": self.disk_drops,
-            "clock": self.clock_summary(),
+            "clock": clock,
+            "quality": quality,
             "alerts": list(self.alerts[-20:]),
         }
 

@@ -65,6 +65,12 @@ def recover_segment(active: Path, fsync_interval_s: float = 1.0) -> dict[str, An
     messages = [r for r in records if isinstance(r, Message)]
     metadata = [r for r in records if isinstance(r, Metadata)]
     seg_meta = next((m.metadata for m in metadata if m.name == SEGMENT_META), {})
+    if size_before == 0:
+        # created but never written (crash before its first flush): nothing was in it
+        active.unlink()
+        report.update(ok=True, messages=0, lost_interval_ns=[None, None], torn_bytes=0,
+                      size=0, file=None, empty=True)
+        return report
     if not metadata and not messages:
         corrupt = active.with_name(name + ".mcap.corrupt")
         os.rename(active, corrupt)

@@ -158,6 +158,10 @@ class SegmentWriter:
         self._writer.add_metadata("edgecap.segment", {
             "name": name, "index": str(index), "window_start_ns": str(window[0]),
             "window_end_ns": str(window[1])})
+        # make the header and metadata durable at once: a crash at any later moment
+        # leaves a file that recovery can read
+        self._writer.flush()
+        self._file.fsync()
         self._channels: dict[str, int] = {}
         self._schemas: dict[str, int] = {}
         self.stats: dict[str, dict[str, Any]] = {}

@@ -121,6 +121,8 @@ def test_fifty_kills(tmp_path: Path, root: Path) -> None:
             assert verify_segment(seg) == []
         for r in recover_all(out, 0.25):
             assert r["ok"], r
+            if r.get("empty"):
+                continue
             man = json.loads(manifest_path(Path(r["file"])).read_text())
             st = man["streams"].get("/cam")
             assert st and st["messages"] > 0

@@ -19,7 +19,9 @@ def recover(path: str) -> None:
     if not reports:
         click.echo("nothing to recover")
     for r in reports:
-        if r["ok"]:
+        if r.get("empty"):
+            click.echo(f"removed {Path(r['active']).name}: created but never written")
+        elif r["ok"]:
             lost = r["lost_interval_ns"]
             span = (lost[1] - lost[0]) / 1e9 if None not in lost else float("nan")
             click.echo(f"recovered {Path(r['file']).name}: {r['messages']} messages, "
