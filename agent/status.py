@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -158,37 +159,42 @@ def render(snap: Snapshot) -> Group:
         state = Text("DEGRADED (kept alive by degraded_ok)", style="bold yellow")
     else:
         state = Text("UNHEALTHY (watchdog starved)", style="bold red")
-    head = Text.assemble(("edgecap ", "bold"), f"{i.get('device_id', '?')}  session "
-                         f"{i.get('session_id', '?')}  v{i.get('version', '?')}  up "
-                         f"{_dur(snap.get('edgecap_uptime_seconds'))}  ", state)
-    t = Table(expand=False, pad_edge=False)
-    for col, just in (("stream", "left"), ("req", "center"), ("rate Hz", "right"),
-                      ("nominal", "right"), ("samples", "right"), ("drops", "right"),
-                      ("gaps", "right"), ("corrupt", "right"), ("queue", "right"),
-                      ("clock", "left"), ("offset", "right"), ("jitter", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    head = Text.assemble(("edgecap ", "bold"), f"{i.get('device_id', '?')}  ", state,
+                         f"\nsession {i.get('session_id', '?')}  v{i.get('version', '?')}"
+                         f"  up {_dur(snap.get('edgecap_uptime_seconds'))}")
+    t = Table(expand=False, pad_edge=False, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 1))
+    name_w = max([len(n) for n in snap.streams] + [6])
+    t.add_column("stream", no_wrap=True, min_width=name_w)
+    for col, just in (("req", "center"), ("rate/nom", "right"), ("samples", "right"),
+                      ("drops", "right"), ("gaps", "right"), ("bad", "right"),
+                      ("queue", "right"), ("clock", "left")):
+        t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     for sv in sorted(snap.streams.values(), key=lambda s: s.name):
         slow = (sv.rate_hz is not None and sv.nominal_hz
                 and sv.rate_hz < 0.8 * sv.nominal_hz)
-        rate = Text("-" if sv.rate_hz is None else f"{sv.rate_hz:.1f}",
+        rate = Text(("-" if sv.rate_hz is None else f"{sv.rate_hz:.1f}") + "/"
+                    + ("-" if sv.nominal_hz is None else f"{sv.nominal_hz:g}"),
                     style="red" if slow else "")
         lock = (Text("-") if sv.locked is None else
                 Text("locked", style="green") if sv.locked else Text("UNLOCKED", style="red"))
-        t.add_row(sv.name, "•" if sv.required else "", rate,
-                  "-" if sv.nominal_hz is None else f"{sv.nominal_hz:g}", f"{sv.samples:.0f}",
+        if sv.offset_s is not None:
+            lock.append(f" {_us(sv.offset_s)}")
+        if sv.jitter_s is not None:
+            lock.append(f" ±{_us(sv.jitter_s).lstrip('+')}")
+        t.add_row(sv.name, "•" if sv.required else "", rate, f"{sv.samples:.0f}",
                   Text(f"{sv.queue_drops:.0f}", style="red" if sv.queue_drops else ""),
                   Text(f"{sv.gaps:.0f}", style="red" if sv.gaps else ""),
                   Text(f"{sv.corrupt:.0f}", style="red" if sv.corrupt else ""),
-                  f"{sv.depth:.0f}", lock, _us(sv.offset_s), _us(sv.jitter_s))
+                  f"{sv.depth:.0f}", lock)
     free, total = snap.get("edgecap_disk_free_bytes"), snap.get("edgecap_disk_total_bytes")
     pct = f" ({100 * free / total:.0f}% free)" if free is not None and total else ""
     lines = [
-        Text(f"disk      {_human(free)} free of {_human(total)}{pct}   segments closed "
-             f"{snap.get('edgecap_segments_closed_total') or 0:.0f}, open "
-             f"{snap.get('edgecap_segments_open') or 0:.0f}, disk drops "
-             f"{snap.get('edgecap_disk_drops_total') or 0:.0f}, alerts "
-             f"{snap.get('edgecap_recorder_alerts_total') or 0:.0f}",
+        Text(f"disk      {_human(free)} free of {_human(total)}{pct}",
              style="red" if total and free is not None and free < 0.05 * total else ""),
+        Text(f"segments  {snap.get('edgecap_segments_closed_total') or 0:.0f} closed, "
+             f"{snap.get('edgecap_segments_open') or 0:.0f} open, disk drops "
+             f"{snap.get('edgecap_disk_drops_total') or 0:.0f}, recorder alerts "
+             f"{snap.get('edgecap_recorder_alerts_total') or 0:.0f}"),
         Text(f"spool     {snap.get('edgecap_spool_backlog_segments') or 0:.0f} segment(s) "
              f"waiting ({_human(snap.get('edgecap_spool_backlog_bytes'))}), "
              f"{snap.get('edgecap_spool_uploaded_segments') or 0:.0f} uploaded still on disk"),
