@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "agent.cli.config_cmd",
     "agent.cli.recover_cmd",
     "agent.cli.ops_cmd",
+    "agent.cli.sync_cmd",
 ]
 
 
