@@ -1,0 +1,388 @@
+"""Camera emulator: MJPEG over HTTP on 127.0.0.1, frames rendered from the world.
+
+    emu = CameraEmulator(world, scenario.devices.camera, run_dir, run_t0_ns)
+    emu.start()            # binds an ephemeral port, starts capturing on schedule
+    emu.uri                # http://127.0.0.1:PORT/stream.mjpg
+    emu.calibration        # the dict the rig's [streams.calibration] should carry
+    emu.stop()
+
+Wire format (what IP cameras and mjpg-streamer send; OpenCV's FFmpeg backend reads it):
+``HTTP/1.0 200`` with ``Content-Type: multipart/x-mixed-replace; boundary=edgecapframe``,
+then per frame ``--edgecapframe`` / ``Content-Type: image/jpeg`` / ``Content-Length: N``,
+a blank line and the JPEG. Each JPEG carries a comment segment (``FF FE``) right after SOI:
+``edgecap-hil t_dev_ns=<capture instant on the device clock> seq=<frame counter>``.
+``GET /calibration.json`` returns :attr:`calibration`.
+
+Timing: frame ``n`` is captured at true time ``run_t0_ns + n·period`` whether or not a
+client is connected (a camera does not wait), rendered at that scenario time, encoded and
+queued to every connected client, each of which is sent it no earlier than capture +
+the device's arrival jitter. If rendering falls more than two periods behind, frames are
+skipped (counted ``overrun``; the counter still advances).
+
+Faults (``settings.faults``): ``dropout`` (each frame skipped with probability ``rate``;
+the counter advances), ``stall`` (frames captured but none sent; connections stay open),
+``disconnect`` (open connections are closed and new ones closed on accept while it
+lasts), ``overexpose`` and ``blur`` (image defects of strength ``rate``; frames sent).
+
+Options (``[devices.camera.options]``): ``width`` (640), ``height`` (480), ``quality``
+(80), ``calibration`` (dict; default :func:`hil.render.default_calibration`),
+``flash_frames`` (1: frames the clapper flash covers), ``client_queue`` (4 frames per
+client before the oldest is dropped for that client).
+
+Truth (``truth/camera.jsonl``): per frame ``{"type": "sample", "seq", "true_ns",
+"device_ns", "sent", "clients", "reason"?, "boxes"?, "clapper"?, "defects"?}`` —
+``sent`` means queued to at least one client; ``reason`` says why not (``dropout``,
+``stall``, ``disconnect``, ``no_client``, ``overrun``); boxes are written for sent frames
+(see :class:`hil.render.GtBox`) — plus one ``{"type": "fault", ...}`` record per fault
+when it begins.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.config import _problems
+from agent.errors import ConfigError
+from agent.geometry import PinholeCamera
+
+from ..render import default_calibration, render
+from ..scenario import DeviceSettings
+from ..world import World
+from .base import Emulator
+
+BOUNDARY = "edgecapframe"
+STREAM_PATH = "/stream.mjpg"
+
+
+class CameraEmulatorOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(default=640, ge=16, le=7680)
+    height: int = Field(default=480, ge=16, le=4320)
+    quality: int = Field(default=80, ge=10, le=100)
+    calibration: dict[str, Any] | None = None
+    flash_frames: int = Field(default=1, ge=1, le=30)
+    client_queue: int = Field(default=4, ge=1, le=300)
+
+
+def insert_jpeg_comment(jpeg: bytes, text: bytes) -> bytes:
+    """``jpeg`` with a COM segment holding ``text`` inserted right after SOI."""
+    if jpeg[:2] != b"\xff\xd8" or len(text) > 65533:
+        raise ValueError("not a JPEG or comment too long")
+    return b"\xff\xd8\xff\xfe" + struct.pack(">H", len(text) + 2) + text + jpeg[2:]
+
+
+class _Client:
+    """One connected viewer: a bounded queue of parts and the thread sending them."""
+
+    def __init__(self, sock: socket.socket, addr: Any, maxlen: int):
+        self.sock = sock
+        self.addr = addr
+        self.parts: deque[tuple[int, bytes]] = deque()
+        self.maxlen = maxlen
+        self.cond = threading.Condition()
+        self.closed = False
+        self.dropped = 0
+
+    def push(self, send_at_ns: int, part: bytes) -> None:
+        with self.cond:
+            if len(self.parts) >= self.maxlen:
+                self.parts.popleft()
+                self.dropped += 1
+            self.parts.append((send_at_ns, part))
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class CameraEmulator(Emulator):
+    device = "camera"
+
+    def __init__(self, world: World, settings: DeviceSettings, run_dir: Path, run_t0_ns: int):
+        super().__init__(world, settings, run_dir, run_t0_ns)
+        try:
+            self.opts = CameraEmulatorOptions.model_validate(settings.options)
+        except ValidationError as e:
+            self.truth.close()
+            raise ConfigError(world.sc.source_path,
+                              _problems(e, ("devices", "camera", "options"))) from None
+        o = self.opts
+        self.fps = float(settings.rate_hz or 30.0)
+        self.period_ns = int(round(1e9 / self.fps))
+        self.calibration: dict[str, Any] = dict(o.calibration or
+                                                default_calibration(o.width, o.height))
+        self.calibration.setdefault("width", o.width)
+        self.calibration.setdefault("height", o.height)
+        self.camera = PinholeCamera.from_calibration(self.calibration, o.width, o.height)
+        self.rng = np.random.default_rng(world.sc.seed * 1000 + 17)
+        self.sent.update({"captured": 0, "skipped": 0})
+        self._clients: set[_Client] = set()
+        self._clients_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._srv: socket.socket | None = None
+        self._disconnected = False
+        self._logged_faults: set[int] = set()
+        #: CPU seconds spent in the capture thread (render + encode), for the benchmark
+        self.capture_cpu_s = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------
+    def _start(self) -> None:
+        render(self.world, 0.0, self.camera)   # warm the background and road caches
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)
+        srv.settimeout(0.2)
+        self._srv = srv
+        self.port = srv.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}{STREAM_PATH}"
+        for target, name in ((self._accept_loop, "camera-accept"),
+                             (self._capture_loop, "camera-capture")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _stop(self) -> None:
+        if self._srv is not None:
+            self._srv.close()
+        self._close_clients()
+        for t in self._threads:
+            t.join(5.0)
+        self._threads.clear()
+        with self._clients_lock:
+            self.count("client_drops", sum(c.dropped for c in self._clients))
+
+    @property
+    def clients(self) -> int:
+        with self._clients_lock:
+            return len(self._clients)
+
+    def _close_clients(self) -> None:
+        with self._clients_lock:
+            clients = list(self._clients)
+        for c in clients:
+            c.close()
+
+    # -- HTTP side --------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        assert self._srv is not None
+        while not self.stop_event.is_set():
+            try:
+                conn, addr = self._srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self._disconnected:
+                self.count("refused")
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
+                             name="camera-client").start()
+
+    def _serve(self, conn: socket.socket, addr: Any) -> None:
+        """One HTTP connection: read the request, answer, then stream until closed."""
+        try:
+            conn.settimeout(2.0)
+            req = b""
+            while b"\r\n\r\n" not in req and b"\n\n" not in req and len(req) < 16384:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                req += chunk
+            line = req.split(b"\r\n", 1)[0].split(b"\n", 1)[0].decode("latin-1").split()
+            path = line[1].split("?", 1)[0] if len(line) >= 2 else ""
+            if len(line) < 2 or line[0] not in ("GET", "HEAD"):
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                return
+            if path == "/calibration.json":
+                import json
+                body = json.dumps(self.calibration).encode()
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                return
+            if path not in (STREAM_PATH, "/"):
+                conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            conn.sendall(b"HTTP/1.0 200 OK\r\nServer: edgecap-hil\r\nConnection: close\r\n"
+                         b"Cache-Control: no-cache, no-store\r\nPragma: no-cache\r\n"
+                         b"Content-Type: multipart/x-mixed-replace; boundary="
+                         + BOUNDARY.encode() + b"\r\n\r\n")
+            if line[0] == "HEAD":
+                return
+            conn.settimeout(10.0)
+            client = _Client(conn, addr, self.opts.client_queue)
+            with self._clients_lock:
+                self._clients.add(client)
+            self.count("connections")
+            try:
+                self._send_loop(client)
+            finally:
+                with self._clients_lock:
+                    self._clients.discard(client)
+                self.count("client_drops", client.dropped)
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _send_loop(self, c: _Client) -> None:
+        while not self.stop_event.is_set():
+            with c.cond:
+                while not c.parts and not c.closed and not self.stop_event.is_set():
+                    c.cond.wait(0.2)
+                if c.closed or self.stop_event.is_set():
+                    return
+                send_at_ns, part = c.parts.popleft()
+            delay = (send_at_ns - time.monotonic_ns()) / 1e9
+            if delay > 0 and self.stop_event.wait(delay):
+                return
+            c.sock.sendall(part)
+
+    # -- capture side -----------------------------------------------------------------
+    def _capture_loop(self) -> None:
+        n = max(0, math.ceil((time.monotonic_ns() - self.run_t0_ns) / self.period_ns))
+        seq = 0
+        header = (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: ").encode()
+        while not self.stop_event.is_set():
+            due_ns = self.run_t0_ns + n * self.period_ns
+            wait = (due_ns - time.monotonic_ns()) / 1e9
+            if wait > 0 and self.stop_event.wait(wait):
+                return
+            cpu0 = time.thread_time()
+            t_s = (due_ns - self.run_t0_ns) / 1e9
+            faults = self.faults(t_s)
+            self._log_faults(t_s, seq, due_ns)
+            self._disconnect_state("disconnect" in faults, due_ns)
+            delay_ns = int(self.jitter.delay_s() * 1e9)
+            drop = "dropout" in faults and self.rng.random() < faults["dropout"].rate
+            device_ns = self.clock.device_ns(due_ns)
+            rec: dict[str, Any] = {"type": "sample", "seq": seq, "true_ns": due_ns,
+                                   "device_ns": device_ns}
+            reason = None
+            if time.monotonic_ns() - due_ns > 2 * self.period_ns:
+                reason = "overrun"
+            elif "disconnect" in faults:
+                reason = "disconnect"
+            elif "stall" in faults:
+                reason = "stall"
+            elif drop:
+                reason = "dropout"
+            else:
+                with self._clients_lock:
+                    clients = list(self._clients)
+                if not clients:
+                    reason = "no_client"
+            self.count("captured")
+            if reason is None:
+                part, extra = self._frame(t_s, seq, device_ns, faults, header)
+                rec.update(extra)
+                for c in clients:
+                    c.push(due_ns + delay_ns, part)
+                self.count("sent")
+                rec.update(sent=True, clients=len(clients))
+            else:
+                self.count("skipped")
+                self.count(reason)
+                rec.update(sent=False, clients=0, reason=reason)
+            self.truth.write(rec)
+            self.capture_cpu_s += time.thread_time() - cpu0
+            n += 1
+            seq += 1
+
+    def _frame(self, t_s: float, seq: int, device_ns: int, faults: dict[str, Any],
+               header: bytes) -> tuple[bytes, dict[str, Any]]:
+        """Render, encode and wrap one frame as a multipart part; truth extras."""
+        extra: dict[str, Any] = {}
+        clap = self.world.clapper_active(t_s, self.opts.flash_frames * self.period_ns / 1e9)
+        defects = {}
+        if "blur" in faults:
+            defects["blur_px"] = max(3, int(round(21 * faults["blur"].rate)))
+        if "overexpose" in faults:
+            defects["overexpose"] = float(faults["overexpose"].rate)
+        img, boxes = render(self.world, t_s, self.camera, flash=clap is not None, **defects)
+        ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, self.opts.quality])
+        jpeg = insert_jpeg_comment(enc.tobytes(),
+                                   f"edgecap-hil t_dev_ns={device_ns} seq={seq}".encode())
+        extra["boxes"] = [b.as_dict() for b in boxes]
+        if clap is not None:
+            extra["clapper"] = clap
+        if defects:
+            extra["defects"] = sorted(defects)
+        extra["bytes"] = len(jpeg)
+        part = header + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n"
+        return part, extra
+
+    def _log_faults(self, t_s: float, seq: int, due_ns: int) -> None:
+        for i, f in enumerate(self.settings.faults):
+            if i not in self._logged_faults and f.t_s <= t_s < f.t_s + max(f.duration_s, 1e-9):
+                self._logged_faults.add(i)
+                self.truth.write({"type": "fault", "kind": f.kind, "t_s": f.t_s,
+                                  "duration_s": f.duration_s, "rate": f.rate,
+                                  "true_ns": due_ns, "seq": seq})
+
+    def _disconnect_state(self, active: bool, due_ns: int) -> None:
+        if active and not self._disconnected:
+            self._disconnected = True
+            self._close_clients()
+            self.count("disconnects")
+        elif not active and self._disconnected:
+            self._disconnected = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the emulator alone (for a viewer such as ``ffplay URI`` or the benchmark):
+    prints the URI on the first line of stdout, then serves until the duration ends."""
+    import argparse
+    import tempfile
+
+    from ..scenario import load_scenario
+
+    ap = argparse.ArgumentParser(prog="python -m hil.emulators.camera")
+    ap.add_argument("--scenario", default="city-drive")
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--fps", type=float)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--run-dir")
+    a = ap.parse_args(argv)
+    sc = load_scenario(a.scenario)
+    s = sc.devices.camera
+    opts = dict(s.options)
+    if a.width:
+        opts["width"] = a.width
+    if a.height:
+        opts["height"] = a.height
+    s = s.model_copy(update={"options": opts, "rate_hz": a.fps or s.rate_hz})
+    run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="edgecap-cam-"))
+    emu = CameraEmulator(World(sc), s, run_dir, time.monotonic_ns())
+    with emu:
+        print(emu.uri, flush=True)
+        emu.stop_event.wait(a.duration)
+    print(f"sent {emu.sent} capture_cpu_s={emu.capture_cpu_s:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
