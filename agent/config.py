@@ -72,6 +72,8 @@ class RecorderConfig(_Strict):
     quota_gb: float | None = Field(default=None, gt=0)
     keep_s: float | None = Field(default=None, gt=0,
                                  description="untriggered segments expire after this")
+    evict_triggered: bool = Field(default=False, description="quota may evict triggered "
+                                  "segments that are not uploaded yet")
 
 
 class TriggerConfig(_Strict):

@@ -31,11 +31,15 @@ def write_manifest(segment: Path, manifest: dict[str, Any]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"manifest_version": MANIFEST_VERSION, **manifest}, indent=1,
                       sort_keys=True).encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -29,6 +29,8 @@ from .clock import ClockStage, Timebase
 from .config import RigConfig
 from .errors import DriverError
 from .quality import QualityMonitor
+from .retention import Retention
+from .triggers import TriggerEngine
 from .queues import StreamQueue
 from .recorder import Recorder
 from .types import Sample, StreamInfo
@@ -139,6 +141,17 @@ class Pipeline:
             compression=choose_compression(rc.compression, infos), chunk_kb=rc.chunk_kb,
             fsync_interval_s=rc.fsync_interval_s, late_grace_s=rc.late_grace_s, live=self.live)
         self.recorder.clock_summary = self.clock.summary
+        rc = self.cfg.recorder
+        self.triggers = TriggerEngine(self.cfg.triggers, self.session_dir)
+        self.retention = Retention(
+            self.out_dir, self.triggers, rc.keep_s,
+            int(rc.quota_gb * 1e9) if rc.quota_gb else None, rc.evict_triggered,
+            now_ns=self.timebase.now_ns if self.live else (lambda: self.recorder._max_t),
+            degrade=self.degrade)
+        self.retention.periodic.append(
+            lambda: self.triggers.poll_manual(self.out_dir, self.timebase.from_monotonic))
+        self.recorder.initial_retention = lambda: self.retention.initial_state
+        self.recorder.on_closed.append(self.retention.on_closed)
         self.recorder.quality = QualityMonitor(
             dict(self.infos), self.cfg.provenance.model_dump(),
             required={s.name for s in self.cfg.streams if s.required and s.name in self.infos})
@@ -175,9 +188,34 @@ class Pipeline:
         }
         return meta
 
+    def degrade(self, on: bool) -> list[str]:
+        """Retention's lever when the spool is over quota with nothing left to evict:
+        each call while ``on`` stops writing one more group — label streams first, then
+        sensor streams by ascending ``priority`` (the highest-priority stream is never
+        dropped). Escalates at most every 10 s. Returns the suppressed streams."""
+        assert self.recorder is not None
+        if not on:
+            self.recorder.suppressed.clear()
+            self._degrade_level = 0
+            return []
+        now = time.monotonic()
+        if now - getattr(self, "_degrade_at", 0.0) < 10.0 and self.recorder.suppressed:
+            return sorted(self.recorder.suppressed)
+        self._degrade_at = now
+        prio = {s.name: s.priority for s in self.cfg.streams}
+        labels = [n for n, i in self.infos.items() if i.kind.value == "label"]
+        sensors = sorted((n for n in self.infos if n not in labels and n in prio),
+                         key=lambda n: prio[n])[:-1]
+        groups = ([labels] if labels else []) + [[n] for n in sensors]
+        self._degrade_level = min(getattr(self, "_degrade_level", 0) + 1, len(groups))
+        for g in groups[:self._degrade_level]:
+            self.recorder.suppressed.update(g)
+        return sorted(self.recorder.suppressed)
+
     def start(self) -> None:
         assert self.recorder is not None, "open() first"
         self.recorder.start()
+        self.retention.start()
         for d in self.drivers:
             t = threading.Thread(target=self._read_loop, args=(d,), name=f"reader:{d.name}",
                                  daemon=True)
@@ -201,6 +239,9 @@ class Pipeline:
                         d.counters.inc("errors")
                         continue
                     q.put(s)
+                    if self.triggers.configured and isinstance(s.payload, dict) and \
+                            self.infos[s.stream].kind.value == "gps":
+                        self.triggers.on_fix(s.t_ns, s.payload)
                     for tap in self.taps:
                         tap(s)
                     backoff = 0.2
@@ -243,6 +284,7 @@ class Pipeline:
             t.join(5.0)
         if self.recorder is not None:
             self.recorder.stop()
+            self.retention.stop()
 
     # -- status -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -256,4 +298,5 @@ class Pipeline:
         if self.recorder is not None:
             r = self.recorder.stats()
             out.update({k: v for k, v in r.items() if k != "streams"})
+            out["retention"] = self.retention.stats()
         return out

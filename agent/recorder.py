@@ -92,9 +92,15 @@ class Recorder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error_backoff_until = 0
+        self._manifest_retry: list[tuple[Path, dict[str, Any]]] = []
         self.clock_summary: Callable[[], dict[str, Any]] = dict
         #: optional :class:`agent.quality.QualityMonitor`; fills the manifest's quality
         self.quality: Any = None
+        #: ``retention`` written into each manifest at close (see agent.retention)
+        self.initial_retention: Callable[[], str] = lambda: "keep"
+        #: streams not written while the spool is over quota (degraded mode)
+        self.suppressed: set[str] = set()
+        self.degraded_drops: dict[str, int] = {}
         session_dir.mkdir(parents=True, exist_ok=True)
 
     # -- setup ------------------------------------------------------------------------
@@ -128,14 +134,29 @@ class Recorder:
             if batch:
                 batch.sort(key=lambda s: s.t_ns)
                 for s in batch:
-                    self._write(s)
+                    try:
+                        self._write(s)
+                    except Exception as e:  # the writer thread must never die
+                        log.exception("recorder: unexpected error writing %s", s.stream)
+                        self._alert(f"unexpected error writing {s.stream}: {e}")
+                        self.disk_drops += 1
             watermark = self.now_ns() if self.live else self._max_t
-            self._close_due(watermark)
-            self._sync_due()
+            try:
+                self._close_due(watermark)
+                self._sync_due()
+                if self._manifest_retry:
+                    self._retry_manifests()
+            except Exception as e:
+                log.exception("recorder: housekeeping failed")
+                self._alert(f"recorder housekeeping failed: {e}")
             if stopping and not any(len(st.queue) for st in self._streams.values()):
                 break
         for idx in sorted(self._open):
-            self._close(idx)
+            try:
+                self._close(idx)
+            except Exception as e:
+                log.exception("recorder: closing segment %d failed", idx)
+                self._alert(f"closing segment failed: {e}")
 
     def _write(self, s: Sample) -> None:
         st = self._streams.get(s.stream)
@@ -145,6 +166,9 @@ class Recorder:
             return
         if s.t_ns > self._max_t:
             self._max_t = s.t_ns
+        if s.stream in self.suppressed:
+            self.degraded_drops[s.stream] = self.degraded_drops.get(s.stream, 0) + 1
+            return
         seg = self._segment_for(s.t_ns)
         if seg is None:
             self.disk_drops += 1
@@ -247,18 +271,33 @@ class Recorder:
             self._fail(seg, e)
             return
         manifest = self._manifest(seg, sha, size)
+        self._publish(path, manifest)
+
+    def _publish(self, path: Path, manifest: dict[str, Any]) -> bool:
+        """Write the manifest (which makes the segment visible to retention and upload);
+        on failure keep it for a retry on the next writer loop."""
         try:
             write_manifest(path, manifest)
         except OSError as e:
-            self._alert(f"manifest for {path.name} not written: {e.strerror}")
-            return
+            if (path, manifest) not in self._manifest_retry:
+                self._manifest_retry.append((path, manifest))
+                self._alert(f"manifest for {path.name} not written ({e.strerror}); "
+                            f"will retry")
+            return False
         self.closed_segments.append(path)
-        log.info("closed %s (%d bytes)", path.name, size)
+        log.info("closed %s (%d bytes)", path.name, manifest["size"])
         for cb in self.on_closed:
             try:
                 cb(path, manifest)
             except Exception:
                 log.exception("on_closed hook failed for %s", path.name)
+        return True
+
+    def _retry_manifests(self) -> None:
+        pending, self._manifest_retry = self._manifest_retry, []
+        for path, manifest in pending:
+            if not self._publish(path, manifest):
+                self._manifest_retry.append((path, manifest))
 
     def _manifest(self, seg: SegmentWriter, sha: str, size: int) -> dict[str, Any]:
         streams: dict[str, Any] = {}
@@ -277,7 +316,8 @@ class Recorder:
             streams[name] = {**stats, "kind": st.info.kind.value, "encoding": st.info.encoding,
                              "rate_hz": st.info.rate_hz, "queue_drops": drops,
                              "device": delta, "device_total": counters,
-                             "gap_events": new_gaps[:100]}
+                             "gap_events": new_gaps[:100],
+                             "degraded_drops_total": self.degraded_drops.get(name, 0)}
         for name in (STAMPS_TOPIC, COUNTERS_TOPIC):
             if name in seg.stats:
                 streams[name] = {**seg.stats[name], "kind": "meta", "encoding": "json"}
@@ -301,6 +341,9 @@ class Recorder:
             "late_samples": seg.late,
             "compression": self.compression,
             "recovered": False,
+            "retention": self.initial_retention(),
+            "triggers": [],
+            "priority": 0,
             "closed_unix_ns": time.time_ns(),
             "agent_version": __version__,
             "streams": streams,
@@ -326,6 +369,7 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         return {"open_segments": len(self._open), "closed_segments": len(self.closed_segments),
                 "disk_drops": self.disk_drops, "alerts": list(self.alerts[-5:]),
+                "degraded_drops": dict(self.degraded_drops),
                 "streams": self._counter_snapshot()}
 
 

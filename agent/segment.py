@@ -103,11 +103,15 @@ class HashingFile:
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
+        """Stop the helper threads and close the file (a failing final flush still
+        releases the descriptor and raises)."""
         self._sync_stop = True
         self._sync_req.set()
         self._syncer.join()
-        self._f.close()
-        self._finish_hash()
+        try:
+            self._f.close()
+        finally:
+            self._finish_hash()
 
     def _finish_hash(self) -> None:
         if self._digest is None:
@@ -150,18 +154,25 @@ class SegmentWriter:
             self._file = HashingFile(self.active_path)
         except OSError as e:
             raise RecorderError(f"cannot create {self.active_path}: {e.strerror}") from e
-        self._writer = Writer(self._file, chunk_size=chunk_size,
-                              compression=_COMPRESSION[compression], enable_crcs=True)
-        self._writer.start(profile="", library=f"edgecap/{__version__}")
-        for mname, data in metadata.items():
-            self._writer.add_metadata(mname, data)
-        self._writer.add_metadata("edgecap.segment", {
-            "name": name, "index": str(index), "window_start_ns": str(window[0]),
-            "window_end_ns": str(window[1])})
-        # make the header and metadata durable at once: a crash at any later moment
-        # leaves a file that recovery can read
-        self._writer.flush()
-        self._file.fsync()
+        try:
+            self._writer = Writer(self._file, chunk_size=chunk_size,
+                                  compression=_COMPRESSION[compression], enable_crcs=True)
+            self._writer.start(profile="", library=f"edgecap/{__version__}")
+            for mname, data in metadata.items():
+                self._writer.add_metadata(mname, data)
+            self._writer.add_metadata("edgecap.segment", {
+                "name": name, "index": str(index), "window_start_ns": str(window[0]),
+                "window_end_ns": str(window[1])})
+            # make the header and metadata durable at once: a crash at any later moment
+            # leaves a file that recovery can read
+            self._writer.flush()
+            self._file.fsync()
+        except OSError as e:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            raise RecorderError(f"cannot start {self.active_path.name}: {e.strerror}") from e
         self._channels: dict[str, int] = {}
         self._schemas: dict[str, int] = {}
         self.stats: dict[str, dict[str, Any]] = {}

@@ -124,8 +124,9 @@ def test_fifty_kills(tmp_path: Path, root: Path) -> None:
             if r.get("empty"):
                 continue
             man = json.loads(manifest_path(Path(r["file"])).read_text())
-            st = man["streams"].get("/cam")
-            assert st and st["messages"] > 0
+            # a segment opened less than one fsync interval before the kill may hold
+            # only its header: that is within the bound checked below
+            assert man["recovered"] is True
         rep = inspect_path(out)
         assert rep["ok"]
         # the documented bound: at most one fsync interval (+ writer latency) is lost
