@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "agent.cli.inspect_cmd",
     "agent.cli.config_cmd",
     "agent.cli.recover_cmd",
+    "agent.cli.trigger_cmd",
     "agent.cli.ops_cmd",
     "agent.cli.sync_cmd",
 ]
