@@ -51,7 +51,10 @@ def inspect_path(path: str | Path, deep: bool = True) -> dict[str, Any]:
                          "recovered": man.get("recovered", False),
                          "window_start_ns": man.get("window_start_ns"),
                          "window_end_ns": man.get("window_end_ns"),
-                         "triggers": man.get("triggers", [])})
+                         "triggers": man.get("triggers", []),
+                         "retention": man.get("retention", "keep"),
+                         "quality": (man.get("quality") or {}).get("verdict"),
+                         "flags": (man.get("quality") or {}).get("flags", [])})
         if man.get("t_first_ns") is not None:
             t_min = man["t_first_ns"] if t_min is None else min(t_min, man["t_first_ns"])
             t_max = man["t_last_ns"] if t_max is None else max(t_max, man["t_last_ns"])

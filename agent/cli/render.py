@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -31,7 +32,7 @@ def status_line(pipe: Any, elapsed_s: float) -> str:
 
 def print_inspect(rep: dict[str, Any], console: Console | None = None) -> None:
     """The inspect report as a table plus verification lines."""
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
     t = Table(title=f"{rep['path']}  ({len(rep['segments'])} segment(s), "
                     f"{rep['duration_s']:.1f} s, {human_bytes(rep['size'])})")
     for col in ("stream", "kind", "messages", "rate Hz", "bytes", "queue drops", "gaps",
@@ -42,8 +43,24 @@ def print_inspect(rep: dict[str, Any], console: Console | None = None) -> None:
         t.add_row(name, str(s.get("kind")), str(s["messages"]), rate, human_bytes(s["bytes"]),
                   str(s["queue_drops"]), str(s["gaps"]), str(s["corrupt"]))
     console.print(t)
+    seg_table = Table(title="segments")
+    for col in ("segment", "size", "verified", "retention", "triggers", "quality", "flags"):
+        seg_table.add_column(col)
+    for s in rep["segments"]:
+        name = s["file"].rsplit("/", 1)[-1]
+        seg_table.add_row(name + (" (recovered)" if s.get("recovered") else ""),
+                          human_bytes(s.get("size") or 0),
+                          "✓" if s.get("verified") else "[red]✗[/red]",
+                          s.get("retention", ""), ",".join(s.get("triggers", [])),
+                          _verdict(s.get("quality")), ", ".join(s.get("flags", []))[:60])
+    console.print(seg_table)
     verified = sum(1 for s in rep["segments"] if s.get("verified"))
     console.print(f"verified {verified}/{len(rep['segments'])} segment(s) against their "
                   f"manifests" + ("" if rep["ok"] else " — PROBLEMS:"))
     for p in rep["problems"]:
         console.print(f"  [red]✗[/red] {p}")
+
+
+def _verdict(v: str | None) -> str:
+    colour = {"ok": "green", "warn": "yellow", "fail": "red"}.get(v or "", "white")
+    return f"[{colour}]{v or '-'}[/{colour}]"
