@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -42,13 +42,29 @@ LABEL_LATENCY = Histogram(
     "Time from a sample's arrival (host_rx_ns) to its labels being queued.",
     ["labeler"], registry=SHARED,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
-UPLOAD_RATE = Gauge("edgecap_upload_rate_bytes_per_second",
-                    "Goodput of the uploader over its last measurement window.",
-                    registry=SHARED)
-UPLOAD_BACKLOG = Gauge("edgecap_upload_backlog_bytes",
-                       "Bytes the uploader still has to send (its own view).",
-                       registry=SHARED)
 ProcessCollector(namespace="edgecap", registry=SHARED)
+
+
+class _UploadCollector(Collector):
+    """Upload gauges, exported only once something in this process set them (an agent
+    without an in-process uploader must not claim a rate of 0)."""
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+        self.backlog: float | None = None
+
+    def collect(self) -> Iterable[Any]:
+        if self.rate is not None:
+            yield GaugeMetricFamily("edgecap_upload_rate_bytes_per_second", "Goodput of the "
+                                    "uploader over its last measurement window.",
+                                    value=self.rate)
+        if self.backlog is not None:
+            yield GaugeMetricFamily("edgecap_upload_backlog_bytes", "Bytes the uploader "
+                                    "still has to send (its own view).", value=self.backlog)
+
+
+UPLOAD = _UploadCollector()
+SHARED.register(UPLOAD)
 
 
 def observe_label_latency(labeler: str, seconds: float) -> None:
@@ -60,9 +76,9 @@ def observe_label_latency(labeler: str, seconds: float) -> None:
 
 def set_upload_rate(bytes_per_s: float, backlog_bytes: float | None = None) -> None:
     """The uploader's current goodput (and its backlog), any thread."""
-    UPLOAD_RATE.set(max(0.0, bytes_per_s))
+    UPLOAD.rate = max(0.0, float(bytes_per_s))
     if backlog_bytes is not None:
-        UPLOAD_BACKLOG.set(max(0.0, backlog_bytes))
+        UPLOAD.backlog = max(0.0, float(backlog_bytes))
 
 
 _DEVICE_COUNTERS = {

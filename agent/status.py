@@ -2,7 +2,8 @@
 (so it works from any process or over an SSH tunnel), rendered with rich.
 
     GET http://127.0.0.1:9108/metrics ──parse──▶ Snapshot ──render──▶ rich table + lines
-    GET http://127.0.0.1:9109/metrics (uploader, optional) ──▶ upload rate and backlog
+    GET http://127.0.0.1:9109/metrics (``edgecap sync run --metrics-port 9109``, optional)
+        ──▶ bytes sent (a rate between two snapshots), pending bundles/bytes, connected
 
 ``fetch_snapshot`` blocks for at most ``timeout_s`` per endpoint (the CLI thread).
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class Snapshot:
     streams: dict[str, StreamView] = field(default_factory=dict)
     values: dict[str, float] = field(default_factory=dict)
     upload_source: str = ""
+    t_mono: float = 0.0
 
     def get(self, name: str) -> float | None:
         return self.values.get(name)
@@ -107,19 +110,27 @@ def parse_metrics(text: str) -> Snapshot:
     return snap
 
 
-def fetch_snapshot(url: str, sync_url: str | None = None, timeout_s: float = 2.0) -> Snapshot:
+def fetch_snapshot(url: str, sync_url: str | None = None, timeout_s: float = 2.0,
+                   prev: Snapshot | None = None) -> Snapshot:
+    """Read the agent (required) and the uploader (optional) endpoints. With ``prev`` (the
+    previous snapshot), the upload rate is derived from the bytes-sent counter."""
     snap = parse_metrics(_get(url, timeout_s))
+    snap.t_mono = time.monotonic()
     snap.upload_source = "agent"
     if sync_url:
         try:
             text = _get(sync_url, timeout_s)
             for fam in text_string_to_metric_families(text):
                 for s in fam.samples:
-                    if s.name.startswith("edgecap_upload_") and not s.labels:
+                    if (s.name.startswith(("edgecap_upload_", "edgecap_sync_upload_"))
+                            and not s.labels):
                         snap.values[s.name] = s.value
             snap.upload_source = "uploader"
         except (StatusError, ValueError):
             snap.upload_source = f"uploader not reachable at {sync_url}"
+    rate = upload_rate(prev, snap)
+    if rate is not None:
+        snap.values["upload_rate_bytes_per_second"] = rate
     return snap
 
 
@@ -198,11 +209,42 @@ def render(snap: Snapshot) -> Group:
         Text(f"spool     {snap.get('edgecap_spool_backlog_segments') or 0:.0f} segment(s) "
              f"waiting ({_human(snap.get('edgecap_spool_backlog_bytes'))}), "
              f"{snap.get('edgecap_spool_uploaded_segments') or 0:.0f} uploaded still on disk"),
-        Text(f"upload    {_human(snap.get('edgecap_upload_rate_bytes_per_second'), 'B/s')}"
-             f"  backlog {_human(snap.get('edgecap_upload_backlog_bytes'))}  "
-             f"[{snap.upload_source}]"),
+        Text(_upload_line(snap)),
     ]
     return Group(head, t, *lines)
+
+
+def upload_rate(prev: Snapshot | None, cur: Snapshot) -> float | None:
+    """Bytes/s the uploader sent between two snapshots (its ``bytes_sent`` counter), or
+    the gauge an uploader sets itself; None when neither is known."""
+    g = cur.get("edgecap_upload_rate_bytes_per_second")
+    if g is not None:
+        return g
+    key = "edgecap_sync_upload_bytes_sent_total"
+    if prev is None or key not in cur.values or key not in prev.values:
+        return None
+    dt = cur.t_mono - prev.t_mono
+    d = cur.values[key] - prev.values[key]
+    return d / dt if dt > 0 and d >= 0 else None
+
+
+def _upload_line(snap: Snapshot) -> str:
+    rate = snap.get("upload_rate_bytes_per_second")
+    parts = [f"upload    {_human(rate, 'B/s') if rate is not None else '- B/s'}"]
+    sent = snap.get("edgecap_sync_upload_bytes_sent_total")
+    if sent is not None:
+        parts.append(f"sent {_human(sent)}")
+    pend = snap.get("edgecap_sync_upload_pending_bundles")
+    if pend is not None:
+        parts.append(f"pending {pend:.0f} bundle(s) "
+                     f"{_human(snap.get('edgecap_sync_upload_pending_bytes'))}")
+    elif snap.get("edgecap_upload_backlog_bytes") is not None:
+        parts.append(f"backlog {_human(snap.get('edgecap_upload_backlog_bytes'))}")
+    conn = snap.get("edgecap_sync_upload_connected")
+    if conn is not None:
+        parts.append("connected" if conn >= 0.5 else "NOT CONNECTED")
+    parts.append(f"[{snap.upload_source}]")
+    return "  ".join(parts)
 
 
 def snapshot_dict(snap: Snapshot) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.config import parse_config
 from agent.health import RateMeter, clock_jitter_s, clock_locked, clock_offset_s, spool_backlog
 from agent.logfmt import KeyValueFormatter, configure_logging, priority, quote, under_journal
-from agent.metrics import MetricsServer, PipelineCollector, observe_label_latency, set_upload_rate
+from agent.metrics import (UPLOAD, MetricsServer, PipelineCollector, observe_label_latency,
+                           set_upload_rate)
 from agent.pipeline import Pipeline
 
 
@@ -121,6 +122,7 @@ def test_spool_backlog_and_shared_metrics(tmp_path):
         m = scrape(srv.url)
     finally:
         srv.stop()
+        UPLOAD.rate = UPLOAD.backlog = None  # process-wide: leave it as found
     assert m[("edgecap_spool_backlog_segments", ())] == 1
     assert m[("edgecap_spool_backlog_bytes", ())] == 100
     assert m[("edgecap_spool_uploaded_segments", ())] == 2
@@ -130,6 +132,17 @@ def test_spool_backlog_and_shared_metrics(tmp_path):
     assert m[("edgecap_upload_rate_bytes_per_second", ())] == 1.5e6
     assert m[("edgecap_upload_backlog_bytes", ())] == 300
     assert m[("edgecap_segments_closed_total", ())] == 0
+
+
+def test_upload_gauges_absent_until_set(tmp_path):
+    cfg = parse_config({**RIG, "recorder": {"out_dir": str(tmp_path)}})
+    srv = MetricsServer(PipelineCollector(Pipeline(cfg)), port=0)
+    srv.start()
+    try:
+        m = scrape(srv.url)
+    finally:
+        srv.stop()
+    assert not any(k[0].startswith("edgecap_upload_") for k in m)  # no uploader here: no 0
 
 
 def test_metrics_port_in_use_raises_oserror(tmp_path):

@@ -76,20 +76,47 @@ def test_status_json_matches_pipeline(agent):
     assert 0 < data["streams"]["/camera/front"]["samples"] <= live
 
 
-def test_status_reads_upload_rate_from_uploader_endpoint(agent):
+def test_status_reads_the_uploader_endpoint(agent):
+    """The uploader's own registry (sync.metrics.UploaderMetrics, as served by
+    ``edgecap sync run --metrics-port``): rate from its bytes-sent counter between two
+    snapshots, pending bundles, link state."""
+    from sync.metrics import UploaderMetrics
+
     url, _ = agent
-    reg = CollectorRegistry()
-    Gauge("edgecap_upload_rate_bytes_per_second", "", registry=reg).set(2 * 1024 * 1024)
-    up, t = start_http_server(0, "127.0.0.1", reg)
+    m = UploaderMetrics()
+    m.pending.set(3)
+    m.pending_bytes.set(3 << 20)
+    m.connected.set(1)
+    up, _t = start_http_server(0, "127.0.0.1", m.registry)
+    sync_url = f"http://127.0.0.1:{up.server_port}/metrics"
     try:
-        snap = fetch_snapshot(url, f"http://127.0.0.1:{up.server_port}/metrics")
+        first = fetch_snapshot(url, sync_url)
+        m.bytes_sent.inc(2 << 20)
+        time.sleep(0.2)
+        second = fetch_snapshot(url, sync_url, prev=first)
     finally:
         up.shutdown()
         up.server_close()
-    assert snap.upload_source == "uploader"
-    con = Console(width=140, record=True, color_system=None)
+    assert first.upload_source == "uploader" and "upload_rate_bytes_per_second" not in first.values
+    dt = second.t_mono - first.t_mono
+    assert second.values["upload_rate_bytes_per_second"] == pytest.approx((2 << 20) / dt)
+    con = Console(width=160, record=True, color_system=None)
+    con.print(render(second))
+    line = next(x for x in con.export_text().splitlines() if x.startswith("upload"))
+    assert "sent 2.0 MiB" in line and "pending 3 bundle(s) 3.0 MiB" in line
+    assert "connected" in line and "[uploader]" in line
+    # an uploader that sets a rate gauge itself is shown as is
+    reg = CollectorRegistry()
+    Gauge("edgecap_upload_rate_bytes_per_second", "", registry=reg).set(5 << 20)
+    up2, _t2 = start_http_server(0, "127.0.0.1", reg)
+    try:
+        snap = fetch_snapshot(url, f"http://127.0.0.1:{up2.server_port}/metrics")
+    finally:
+        up2.shutdown()
+        up2.server_close()
+    con = Console(width=160, record=True, color_system=None)
     con.print(render(snap))
-    assert "upload    2.0 MiB/s" in con.export_text()
+    assert "upload    5.0 MiB/s" in con.export_text()
     # uploader down: the view says so instead of failing
     snap = fetch_snapshot(url, "http://127.0.0.1:9/metrics", timeout_s=0.5)
     assert snap.upload_source.startswith("uploader not reachable")

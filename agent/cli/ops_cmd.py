@@ -103,10 +103,12 @@ def status(url: str, sync_url: str, once: bool, as_json: bool, interval: float) 
         return
     with Live(Text("connecting…"), console=con, refresh_per_second=4,
               screen=False) as live:
+        prev = None
         try:
             while True:
                 try:
-                    live.update(render(fetch_snapshot(url, sync_url or None)))
+                    prev = fetch_snapshot(url, sync_url or None, prev=prev)
+                    live.update(render(prev))
                 except StatusError as e:
                     live.update(Text(f"{time.strftime('%H:%M:%S')}  {e} — retrying",
                                      style="red"))
