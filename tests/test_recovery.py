@@ -45,6 +45,11 @@ def kill_during_record(tmp_path: Path, root: Path, after_s: float) -> Path:
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "record", "-c", str(rig),
                              "-o", str(out), "-q"], cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait until the recorder writes (start-up time varies with machine load), then
+    # record for ``after_s`` before the kill
+    deadline = time.monotonic() + 60
+    while not list(out.rglob("*.mcap.active")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(after_s)
     LAST_KILL_NS.append(time.monotonic_ns())
     proc.send_signal(signal.SIGKILL)
@@ -53,7 +58,7 @@ def kill_during_record(tmp_path: Path, root: Path, after_s: float) -> Path:
 
 
 def test_kill9_then_recover(tmp_path: Path, root: Path) -> None:
-    out = kill_during_record(tmp_path, root, 3.5)
+    out = kill_during_record(tmp_path, root, 3.0)
     actives = list(out.rglob("*.mcap.active"))
     assert len(actives) == 1, "a killed recorder leaves exactly its open segment"
     for seg in out.rglob("*.mcap"):
@@ -78,7 +83,7 @@ def test_kill9_then_recover(tmp_path: Path, root: Path) -> None:
 
 
 def test_torn_tail_is_cut_at_last_intact_chunk(tmp_path: Path, root: Path) -> None:
-    out = kill_during_record(tmp_path, root, 2.5)
+    out = kill_during_record(tmp_path, root, 1.0)
     active = next(out.rglob("*.mcap.active"))
     data = active.read_bytes()
     active.write_bytes(data + os.urandom(5000))  # a torn write after the last sync
@@ -96,7 +101,7 @@ def test_unrecoverable_file_is_moved_aside(tmp_path: Path) -> None:
 
 
 def test_recovery_runs_at_next_start(tmp_path: Path, root: Path) -> None:
-    out = kill_during_record(tmp_path, root, 2.0)
+    out = kill_during_record(tmp_path, root, 0.5)
     assert list(out.rglob("*.mcap.active"))
     res = subprocess.run([sys.executable, "-m", "agent.cli", "record", "-c",
                           str(tmp_path / "rig.toml"), "-o", str(out), "-q", "-d", "1"],
@@ -116,7 +121,7 @@ def test_fifty_kills(tmp_path: Path, root: Path) -> None:
     for k in range(50):
         d = tmp_path / f"k{k}"
         d.mkdir()
-        out = kill_during_record(d, root, rnd.uniform(2.5, 5.0))
+        out = kill_during_record(d, root, rnd.uniform(0.0, 3.0))
         for seg in out.rglob("*.mcap"):
             assert verify_segment(seg) == []
         for r in recover_all(out, 0.25):
