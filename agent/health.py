@@ -67,14 +67,17 @@ class RateMeter:
 
 
 # -- clock lock ---------------------------------------------------------------------------
-_LOCKED_WORDS = {"locked", "lock", "ok", "true", "yes", "synced", "synchronized", "tracking"}
+_LOCKED_WORDS = {"locked", "lock", "ok", "true", "yes", "synced", "synchronized", "tracking",
+                 # no lock to lose: stamped on arrival, or the device clock is the timebase
+                 "arrival", "device=timebase", "timebase", "n/a", "none"}
 
 
 def clock_locked(entry: Mapping[str, Any]) -> bool:
     """Lock state of one ``ClockStage.summary()`` entry. The clock stage names it
-    ``locked`` (bool) or ``lock``/``lock_state``/``state`` (bool or word); an entry that
-    says nothing about lock is treated as locked (streams stamped by the timebase itself
-    or by arrival time have nothing to lose lock on)."""
+    ``state`` (``locked``/``acquiring``/``unlocked``, or ``arrival`` for streams stamped on
+    arrival, see :mod:`agent.clock_estimator`), or ``locked``/``lock``/``lock_state``
+    (bool or word). An entry that says nothing about lock is treated as locked (streams
+    stamped by the timebase itself or by arrival time have nothing to lose lock on)."""
     for key in ("locked", "lock", "lock_state", "state"):
         if key in entry:
             v = entry[key]

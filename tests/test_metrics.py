@@ -178,6 +178,11 @@ def test_clock_field_readers():
     assert not clock_locked({"locked": False})
     assert clock_locked({"lock": "LOCKED"}) and not clock_locked({"lock_state": "holdover"})
     assert not clock_locked({"state": 0})
+    # the clock stage's own words (agent.clock_estimator quality dicts)
+    assert clock_locked({"source": "estimator", "state": "locked"})
+    assert not clock_locked({"source": "estimator", "state": "acquiring"})
+    assert not clock_locked({"source": "estimator", "state": "unlocked"})
+    assert clock_locked({"source": "arrival", "state": "arrival"})
     assert clock_offset_s({"offset_ns": 2_000_000}) == pytest.approx(0.002)
     assert clock_offset_s({"offset_s": 0.5}) == 0.5
     assert clock_offset_s({"offset_ns": float("nan")}) is None

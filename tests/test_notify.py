@@ -236,18 +236,20 @@ def test_supervisor_degraded_mode_keeps_feeding_loudly(notify_socket):
 def test_supervisor_starves_watchdog_when_clock_unlocked_after_grace(notify_socket):
     ns, path = notify_socket
     clock = FakeTime()
-    lock = {"/a": {"source": "estimator", "locked": True}, "/b": {"source": "arrival"}}
+    # the clock stage's own quality words (agent.clock_estimator): state locked/acquiring
+    lock = {"/a": {"source": "estimator", "state": "locked"},
+            "/b": {"source": "arrival", "state": "arrival"}}
     sup = _sup(path, OperationsConfig(clock_lock_grace_s=2.0), clock, lambda: lock)
     counts = {"a": 0, "b": 0}
     flow = {"a": 20, "b": 10}
-    assert _run(sup, clock, counts, 1.0, flow)[-1].healthy  # /b has no lock field: locked
-    lock["/a"]["locked"] = False
+    assert _run(sup, clock, counts, 1.0, flow)[-1].healthy  # arrival: nothing to lock
+    lock["/a"]["state"] = "acquiring"  # e.g. restarted after a device clock jump
     hs = _run(sup, clock, counts, 0.5, flow)  # still inside the 2 s grace after READY
     assert hs[-1].healthy and "clock acquiring: /a" in hs[-1].status
     hs = _run(sup, clock, counts, 3.0, flow)
     assert not hs[-1].healthy and not any(h.fed for h in hs[10:])
     assert "clock unlocked: /a" in hs[-1].status
-    lock["/a"]["locked"] = "locked"
+    lock["/a"]["state"] = "locked"
     hs = _run(sup, clock, counts, 1.0, flow)
     assert hs[-1].healthy and any(h.fed for h in hs)
 
