@@ -54,6 +54,16 @@ from typing import Any
 _LN2 = math.log(2.0)
 #: assumed spread of oscillator skews before one is measured (±200 ppm)
 _SKEW_SPREAD = 200e-6
+#: a suspect run this many ``jump_confirm_s`` long is a jump even if not flat
+_FORCE_RUN = 10
+#: a skew known better than this (1σ) is kept as the prior across a jump or step
+_PRIOR_MAX = 20e-6
+#: least 1σ of the skew carried over a jump: the device may have changed its time source
+_JUMP_PRIOR_MIN = 3e-6
+#: assumed random wander of an oscillator's skew, per second (for aging priors)
+_SKEW_WANDER = 0.05e-6
+#: floor of the delay-scale estimate (ns): below this the envelope is exact anyway
+_MIN_DELAY_SCALE = 1_000.0
 
 
 class LockState(str, enum.Enum):
@@ -80,7 +90,6 @@ class EstimatorParams:
     lock_min_samples: int = 10
     lock_span_s: float = 1.0        #: span needed to lock when a skew prior is known
     acquire_span_s: float = 3.0     #: span needed to lock from scratch (skew unknown)
-    free_span_s: float = 6.0        #: below this span a known skew prior is used as is
     lock_uncertainty_ns: int = 1_000_000  #: LOCKED needs the stated uncertainty below this
     step_min_ns: int = 300_000      #: smallest floor shift treated as a step
     latency_ns: int = 0             #: known fixed one-way latency, subtracted when mapping
@@ -97,7 +106,8 @@ class EstimatorParams:
 
 class _Bucket:
     """The lowest point (detrended at the skew of the time) of one bucket of device time,
-    and how many samples fell in it. ``dev``/``off``: device time and ``rx − dev``."""
+    and how many samples fell in it. ``dev``/``off``: device time and ``rx − dev``;
+    ``key``: the detrended offset in the segment's frame."""
 
     __slots__ = ("idx", "dev", "off", "key", "n")
 
@@ -124,6 +134,7 @@ class ClockEstimator:
         self.suspects = 0        # beyond the jump threshold: spikes, glitches, jump starts
         self.out_of_order = 0    # device time before the current bucket (not used)
         self.restarts = 0        # early restarts: the first samples were late
+        self.resets = 0          # reset() calls (announced clock changes)
         self.jumps = 0
         self.steps = 0
         self.last_jump: dict[str, int] | None = None
@@ -131,11 +142,15 @@ class ClockEstimator:
         self.uncertainty_ns: int | None = None
         self.jitter_ns: int | None = None
         self.last_dev_ns: int | None = None
-        self._suspect: deque[tuple[int, int, float]] = deque(maxlen=p.jump_confirm)
-        self._resid: deque[float] = deque(maxlen=p.residual_ring)
+        self._suspect: deque[tuple[int, int, float]] = deque(maxlen=max(16, p.jump_confirm))
+        self._run_first_dev = 0
+        self._recent: deque[tuple[int, int]] = deque(maxlen=p.residual_ring)  # (dev, off)
         self._delay_scale = 2e6  # mean arrival delay above the envelope (ns); measured later
-        self._prior_s: float | None = None
-        self._prior_sigma = 0.0
+        # skew prior: centre, 1σ and the device time it was set (it ages from there)
+        self._prior_s = 0.0
+        self._prior_sigma = _SKEW_SPREAD
+        self._prior_dev = 0
+        self._last_trim_dev: int | None = None
         #: the mapping line, published as one tuple: offset(dev) = ya + a + s·(dev − xa)
         self._line: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
         self._sigma = _SKEW_SPREAD
@@ -143,6 +158,7 @@ class ClockEstimator:
         self._n_window = 0
         self._span_ns = 0
         self._xbar = 0.0
+        self._fit_a = 0.0
         self._early_mode = True
         self._started = False
 
@@ -174,18 +190,17 @@ class ClockEstimator:
         if r < 0.0:
             a = key  # the envelope lies below every point: lower it at once
             self._line = (xa, ya, a, s)
-            self._resid.append(0.0)
-        else:
-            self._resid.append(r)
+        self._recent.append((dev, off))
         cur = self._cur
         if cur is not None and not self._early_mode and dev // self._bucket_ns == cur.idx:
             cur.n += 1  # fast path: same bucket
-            if key < cur.key:
-                cur.dev, cur.off, cur.key = dev, off, key
+            k = (off - self._off0) - s * (dev - self._dev0)  # segment frame
+            if k < cur.key:
+                cur.dev, cur.off, cur.key = dev, off, k
             self.used += 1
             self._seg_samples += 1
         else:
-            self._accept(dev, off, key)
+            self._accept(dev, off)
             xa, ya, a, s = self._line
             x = dev - xa
         return dev + ya + round(a + s * x) - self.latency_ns
@@ -197,6 +212,17 @@ class ClockEstimator:
         xa, ya, a, s = self._line
         return dev + ya + round(a + s * (dev - xa)) - self.latency_ns
 
+    def reset(self, keep_skew: bool = False) -> None:
+        """Forget the mapping; the next sample starts a new segment. For drivers that
+        *know* the device clock changed (a LiDAR switched to PTP, a device rebooted):
+        faster and safer than waiting for the jump detector. ``keep_skew`` keeps the skew
+        as a prior (same oscillator); otherwise it is measured afresh. Reader thread."""
+        if self._started:
+            self._set_prior(self._line[3], trust=keep_skew)
+        self._started = False
+        self._suspect.clear()
+        self.resets += 1
+
     # -- segments, buckets, suspects ----------------------------------------------------
     def _suspicious(self, r: float, x: int) -> bool:
         """Beyond the threshold once the line's own extrapolation error is allowed for
@@ -204,15 +230,29 @@ class ClockEstimator:
         slack = 3.0 * self._sigma * abs(x - self._xbar)
         return abs(r) > self._thr + slack
 
+    def _set_prior(self, s: float, trust: bool = True) -> None:
+        """Carry the current skew over a jump or a step as the prior of what follows:
+        with its measured error if ``trust`` and it was measured well, else as a weak
+        prior (±200 ppm) that only says where to start."""
+        good = trust and self._seg_samples >= self.params.lock_min_samples and (
+            self._sigma <= _PRIOR_MAX)
+        self._prior_s = s
+        self._prior_sigma = max(self._sigma, 1e-7) if good else _SKEW_SPREAD
+        self._prior_dev = self.last_dev_ns or 0
+
+    @property
+    def _prior_known(self) -> bool:
+        return self._prior_sigma <= _PRIOR_MAX
+
     def _new_segment(self, dev: int, rx: int) -> None:
         """Forget the window and start again at this point (first sample, a jump, or an
         early restart). The skew of a long enough previous segment becomes the prior."""
-        if self._started and self._seg_samples >= self.params.lock_min_samples:
-            self._prior_s = self._line[3]
-            self._prior_sigma = max(self._sigma, 1e-6)
-        s = self._prior_s if self._prior_s is not None else 0.0
-        self._sigma = self._prior_sigma if self._prior_s is not None else _SKEW_SPREAD
+        if self._started:  # a jump: same oscillator (reboot) or not (switch to PTP)
+            self._set_prior(self._line[3])
+            self._prior_sigma = max(self._prior_sigma, _JUMP_PRIOR_MIN)
+        s, self._sigma = self._prior_s, self._prior_sigma
         self._line = (dev, rx - dev, 0.0, s)
+        self._fit_a = 0.0
         self._buckets: deque[_Bucket] = deque()
         self._cur: _Bucket | None = None
         self._hull: list[tuple[int, int]] = []
@@ -225,11 +265,16 @@ class ClockEstimator:
         self._span_ns = 0
         self._seg_samples = 0
         self._seg_first_dev = dev
+        self._dev0, self._off0 = dev, rx - dev
+        self._recent.clear()
         self._started = True
         self.state = LockState.ACQUIRING
-        self._accept(dev, rx - dev, 0.0)
+        self._accept(dev, rx - dev)
 
-    def _accept(self, dev: int, off: int, key: float) -> None:
+    def _accept(self, dev: int, off: int) -> None:
+        """Put a sample into its bucket; the bucket keeps its lowest point at the current
+        skew (compared in the segment's fixed frame, which fits never move)."""
+        key = (off - self._off0) - self._line[3] * (dev - self._dev0)
         self.used += 1
         self._seg_samples += 1
         idx = dev // self._bucket_ns
@@ -253,8 +298,10 @@ class ClockEstimator:
             self._rebuild(include_current=True)
 
     def _early(self) -> bool:
+        """While acquiring with few buckets, refit on every sample (every 16th once there
+        are plenty, to bound the cost on fast streams)."""
         e = self._early_mode = self.state is not LockState.LOCKED and len(self._buckets) < 8
-        return e
+        return e and (self._seg_samples < 64 or not self._seg_samples & 15)
 
     def _close(self, b: _Bucket) -> None:
         self._buckets.append(b)
@@ -263,38 +310,51 @@ class ClockEstimator:
         self._closes += 1
         if self._early():
             return  # the per-sample rebuild covers it
-        if self._closes >= self._rebuild_every:
+        xa, ya, _, s = self._line
+        rb = (b.off - ya) - s * (b.dev - xa) - self._fit_a  # this bucket's floor vs the fit
+        step_min = self.params.step_min_ns
+        if (self._closes >= self._rebuild_every
+                or rb > max(10.0 * self._delay_scale / b.n, step_min)
+                or rb < -max(4.0 * (self.uncertainty_ns or 0), step_min)):
             self._rebuild(include_current=False)
         else:
             _hull_push(self._hull, b.dev - self._hxa, b.off - self._hya)
             self._fit()
 
     def _on_suspect(self, dev: int, rx: int, r: float) -> None:
+        """A run of consecutive suspects is a jump once it has ``jump_confirm`` samples,
+        spans ``jump_confirm_s`` of device time and is *flat*: the floor of its older half
+        matches the floor of its newer half (a queue draining after a stall is not flat;
+        spikes do not move a floor). A run that lasts ``_FORCE_RUN`` confirm spans is taken
+        as a jump regardless."""
         self.suspects += 1
         sus = self._suspect
+        if not sus:
+            self._run_first_dev = dev
         sus.append((dev, rx, r))
         if len(sus) < self.params.jump_confirm:
             return
-        rs = [e[2] for e in sus]
-        if max(rs) - min(rs) > self._thr:
-            return  # not one consistent new offset (spikes, a stalled queue draining)
-        devs = [e[0] for e in sus]
-        if max(devs) - min(devs) < self._confirm_span_ns:
+        span = abs(dev - self._run_first_dev)
+        if span < self._confirm_span_ns:
             return
-        pts = sorted(sus)
+        rs = [e[2] for e in sus]
+        h = len(rs) // 2
+        flat = abs(min(rs[:h]) - min(rs[h:])) <= self._thr / 2
+        if not flat and span < _FORCE_RUN * self._confirm_span_ns:
+            return
+        lo = min(rs[h:])
+        pts = sorted(e for e in sus if abs(e[2] - lo) <= self._thr)
         sus.clear()
         self.jumps += 1
-        self.last_jump = {"device_t_ns": pts[0][0], "rx_ns": pts[0][1],
-                          "size_ns": int(round(min(rs)))}
+        self.last_jump = {"device_t_ns": pts[0][0], "rx_ns": pts[0][1], "size_ns": round(lo)}
         self._new_segment(pts[0][0], pts[0][1])
         for d, t, _ in pts[1:]:
             xa, ya, a, s = self._line
-            x = d - xa
-            rr = (t - d - ya) - a - s * x
-            if rr < 0.0:
-                self._line = (xa, ya, a + rr, s)
-            self._resid.append(max(rr, 0.0))
-            self._accept(d, t - d, (t - d - ya) - s * x)
+            key = (t - d - ya) - s * (d - xa)
+            if key < a:
+                self._line = (xa, ya, key, s)
+            self._recent.append((d, t - d))
+            self._accept(d, t - d)
 
     # -- fitting ------------------------------------------------------------------------
     def _rebuild(self, include_current: bool) -> None:
@@ -306,9 +366,10 @@ class ClockEstimator:
             bs.popleft()
         if not include_current:
             self._check_step()
-        if self._resid and len(self._resid) >= 8:
-            med = sorted(self._resid)[len(self._resid) // 2]
-            self._delay_scale = max(med / _LN2, 1_000.0)
+        if len(self._recent) >= 8:  # delay scale: median residual of recent samples
+            xa, ya, a, s = self._line
+            rs = sorted((o - ya) - a - s * (d - xa) for d, o in self._recent)
+            self._delay_scale = max(rs[len(rs) // 2] / _LN2, _MIN_DELAY_SCALE)
         pts = list(bs)
         if include_current and self._cur is not None:
             pts.append(self._cur)
@@ -353,76 +414,89 @@ class ClockEstimator:
         span = x_last
         mu = self._delay_scale
         self._span_ns, self._n_window, self._xbar = span, n, xbar
-        # skew error of the envelope: each end is the lowest of ~n/2 delays of mean mu, and
-        # the ends are ~span/2 apart
-        sig_lp = 4.0 * mu / (n * span) if span > 0 else 1.0
-        s_lp = a_lp = None
-        if len(hull) >= 2:
-            s_lp, a_lp = _envelope_lp(hull, xbar)
-        prior = self._prior_s
-        if (prior is not None and s_lp is not None and span >= p.lock_span_s * 1e9
-                and abs(s_lp - prior) > 3.0 * sig_lp + 3.0 * self._prior_sigma):
-            prior = self._prior_s = None  # the skew changed with the jump: measure afresh
-        if prior is not None and span < p.free_span_s * 1e9:
-            s, sig = prior, self._prior_sigma
-            a = min(y - s * x for x, y in hull)
-        elif s_lp is not None and a_lp is not None and sig_lp <= _SKEW_SPREAD:
-            s, a, sig = s_lp, a_lp, sig_lp
-            self._prior_s = None
-        else:  # too little data to measure the skew: assume nominal until there is
-            s, sig = 0.0, _SKEW_SPREAD
-            a = min(y - s * x for x, y in hull)
+        # The envelope's skew and its error: the hull edge's ends are each about the lowest
+        # of n/2 delays (mean mu), ~span/2 apart; x2 for the heavy tail (checked in tests).
+        # Fewer than 3 closed buckets say nothing reliable about the skew.
+        s0, sp = self._skew_prior(x_last)
+        if len(self._buckets) >= 3 and len(hull) >= 2 and span > 0:
+            s_lp = _envelope_lp(hull, xbar)[0]
+            sig_lp = 8.0 * mu / (n * span)
+            if self._prior_known and abs(s_lp - s0) > 6.0 * math.hypot(sig_lp, sp):
+                self._prior_sigma = sp = _SKEW_SPREAD  # the skew changed: measure afresh
+            # precision-weighted with the prior (the old skew, or nominal ±200 ppm)
+            w_lp, w0 = 1.0 / (sig_lp * sig_lp), 1.0 / (sp * sp)
+            s = (s_lp * w_lp + s0 * w0) / (w_lp + w0)
+            sig = 1.0 / math.sqrt(w_lp + w0)
+        else:
+            s, sig = s0, sp
+        a = min(y - s * x for x, y in hull)  # the line at that skew touching the envelope
         self._line = (self._hxa, self._hya, a, s)
+        self._fit_a = a
         self._sigma = sig
-        if len(self._resid) >= 8:
+        if len(self._recent) >= 8:
             self.jitter_ns = int(round(mu * _LN2))
         # at the newest point: envelope bias, plus skew error × distance from the centroid
         # (one bucket more: the line is used until the next fit)
         dist = abs(x_last - xbar) + self._bucket_ns
-        u = 3.0 * mu / n + 2.0 * sig * dist
+        u = 4.5 * mu / n + 3.0 * sig * dist
         self.uncertainty_ns = int(round(u))
-        need = p.lock_span_s if self._prior_s is not None else p.acquire_span_s
-        locked = (self._seg_samples >= p.lock_min_samples and span >= need * 1e9
+        need = p.lock_span_s if self._prior_known else p.acquire_span_s
+        data_span = (self.last_dev_ns or 0) - self._seg_first_dev
+        locked = (self._seg_samples >= p.lock_min_samples and data_span >= need * 1e9
                   and u <= p.lock_uncertainty_ns)
         self.state = LockState.LOCKED if locked else LockState.ACQUIRING
         self._early_mode = not locked and len(self._buckets) < 8
 
+    def _skew_prior(self, x_last: int) -> tuple[float, float]:
+        """The skew prior and its 1σ: the skew from before the last jump/step, its error
+        growing with the time since (oscillator wander); nominal ±200 ppm at first."""
+        age_s = max(0, self._hxa + x_last - self._prior_dev) * 1e-9
+        return self._prior_s, math.hypot(self._prior_sigma, _SKEW_WANDER * age_s)
+
     def _check_step(self) -> None:
-        """Cut the window to its recent part when the floor of the recent buckets has left
-        the floor of the older ones at the current skew: a step below the jump threshold,
-        or a skew change faster than the window follows. Checked at 2, 4, 8, … buckets."""
+        """Cut the window where the floor of the newer buckets leaves the floor of the
+        older ones at the current skew: a step below the jump threshold, or a skew change
+        faster than the window follows. A floor that drops is cut at the newest such split,
+        one that rises at the oldest; either must beat the floor noise of the side that
+        could be high by chance, ``10·delay/n`` (n its samples)."""
         bs = self._buckets
         m = len(bs)
-        if m < 6:
+        if m < 8:  # too little to judge (this also spaces cuts at least 8 buckets apart)
             return
         xa, ya, _, s = self._line
         keys = [(b.off - ya) - s * (b.dev - xa) for b in bs]
         pre = keys[:]
+        pre_n = [b.n for b in bs]
         for i in range(1, m):
             if pre[i - 1] < pre[i]:
                 pre[i] = pre[i - 1]
+            pre_n[i] += pre_n[i - 1]
         mu = self._delay_scale
         step_min = float(self.params.step_min_ns)
         tol_neg = max(4.0 * (self.uncertainty_ns or 0), step_min)
-        rec = math.inf
-        n_rec = 0
-        k = 0
-        scale = 2
-        for i in range(m - 1, m // 2 - 1, -1):
-            k += 1
-            n_rec += bs[i].n
-            if keys[i] < rec:
-                rec = keys[i]
-            if k == scale:
-                d = rec - pre[i - 1]
-                if d > max(10.0 * mu / n_rec, step_min) or d < -tol_neg:
-                    self.steps += 1
-                    if self._seg_samples >= self.params.lock_min_samples:
-                        self._prior_s, self._prior_sigma = s, max(self._sigma, 1e-6)
-                    for _ in range(m - k):
-                        bs.popleft()
-                    return
-                scale *= 2
+        suf = math.inf
+        n_suf = 0
+        cut_neg = cut_pos = 0
+        for i in range(m - 1, 0, -1):
+            n_suf += bs[i].n
+            if keys[i] < suf:
+                suf = keys[i]
+            d = suf - pre[i - 1]
+            if d < -max(tol_neg, 10.0 * mu / pre_n[i - 1]) and not cut_neg:
+                cut_neg = i
+            elif d > max(10.0 * mu / n_suf, step_min):
+                cut_pos = i
+        cut = cut_neg or cut_pos
+        if cut:
+            self.steps += 1
+            # a second cut soon after the first says the skew, not the offset, is off
+            dev = self.last_dev_ns or 0
+            again = (self._last_trim_dev is not None
+                     and dev - self._last_trim_dev < self._window_ns // 4)
+            self._last_trim_dev = dev
+            self._set_prior(s, trust=not again)
+            for _ in range(cut):
+                bs.popleft()
 
     # -- reporting ----------------------------------------------------------------------
     @property
@@ -445,6 +519,7 @@ class ClockEstimator:
             "latency_ns": self.latency_ns, "jumps": self.jumps, "steps": self.steps,
             "samples": self.samples, "suspects": self.suspects,
             "out_of_order": self.out_of_order, "restarts": self.restarts,
+            "resets": self.resets,
             "window_samples": self._n_window, "last_jump": self.last_jump,
         }
 
@@ -461,16 +536,17 @@ def _hull_push(hull: list[tuple[int, int]], x: int, y: int) -> None:
     hull.append((x, y))
 
 
-def _envelope_lp(hull: list[tuple[int, int]], xbar: float) -> tuple[float, float]:
+def _envelope_lp(hull: list[tuple[int, int]], xbar: float) -> tuple[float, float, int]:
     """The line ``y = a + s·x`` below every point that is highest at ``xbar``: the lower
-    hull edge spanning ``xbar`` (the first or last edge when ``xbar`` lies outside)."""
+    hull edge spanning ``xbar`` (the first or last edge when ``xbar`` lies outside).
+    Returns ``(s, a, edge length)``."""
     i = 0
     last = len(hull) - 2
     while i < last and hull[i + 1][0] <= xbar:
         i += 1
     (x0, y0), (x1, y1) = hull[i], hull[i + 1]
     s = (y1 - y0) / (x1 - x0)
-    return s, y0 - s * x0
+    return s, y0 - s * x0, x1 - x0
 
 
 class AudioClock:
