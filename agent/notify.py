@@ -173,7 +173,9 @@ class Supervisor:
     """Decides READY, WATCHDOG and STATUS from pipeline stats.
 
     ``tick(stats)`` is called by the owner's loop (``edgecap record``: every 0.5 s) from
-    one thread, never blocks; the loop period must stay below ``WATCHDOG_USEC / 2``.
+    one thread; it does not wait on the pipeline (a notify send waits at most 0.5 s, only
+    when systemd's queue is full). The loop period must stay below ``WATCHDOG_USEC / 2``.
+    ``interval_usec``: the watchdog interval; None reads ``$WATCHDOG_USEC``, 0 never feeds.
     ``required``: stream name → nominal rate in Hz (None if unknown). ``clock_summary``:
     ``ClockStage.summary`` (stream → dict; a missing lock field counts as locked; entries
     whose key is not a topic path are global and apply to every stream). Times are host
@@ -183,13 +185,13 @@ class Supervisor:
     def __init__(self, required: Mapping[str, float | None],
                  ops: OperationsConfig | None = None, notifier: Notifier | None = None,
                  clock_summary: Callable[[], Mapping[str, Any]] = dict,
-                 watchdog_usec_: int | None = -1,
+                 interval_usec: int | None = None,
                  now_ns: Callable[[], int] = time.monotonic_ns):
         self.required = dict(required)
         self.ops = ops or OperationsConfig()
         self.notifier = notifier or Notifier()
         self.clock_summary = clock_summary
-        usec = watchdog_usec() if watchdog_usec_ == -1 else watchdog_usec_
+        usec = watchdog_usec() if interval_usec is None else interval_usec
         self.feed_every_ns = usec * 500 if usec else 0
         self.now_ns = now_ns
         self.rates = RateMeter(window_s=5.0, min_span_s=0.25)

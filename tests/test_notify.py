@@ -204,7 +204,7 @@ def _run(sup: Supervisor, clock: FakeTime, counts: dict[str, int], seconds: floa
 
 def _sup(ns_path: str, ops: OperationsConfig, clock: FakeTime, summary=dict) -> Supervisor:
     return Supervisor({"/a": 20.0, "/b": None}, ops, Notifier(ns_path), summary,
-                      watchdog_usec_=1_000_000, now_ns=clock)
+                      interval_usec=1_000_000, now_ns=clock)
 
 
 def test_supervisor_ready_waits_for_every_required_stream(notify_socket):

@@ -33,7 +33,7 @@ def agent(tmp_path):
     })
     pipe = Pipeline(cfg)
     pipe.open()
-    sup = Supervisor.for_pipeline(pipe, Notifier(""), watchdog_usec_=None)
+    sup = Supervisor.for_pipeline(pipe, Notifier(""), interval_usec=0)
     health = {}
     srv = MetricsServer(PipelineCollector(pipe, health=lambda: health.get("h"), cache_s=0),
                         port=0)
