@@ -12,7 +12,6 @@ import hashlib
 import os
 import socket
 import subprocess
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 

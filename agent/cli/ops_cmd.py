@@ -56,7 +56,8 @@ def doctor(config: str | None, as_user: str | None, service: bool, out_dir: str 
         else:
             who = Principal.me()
     except KeyError as e:
-        click.echo(f"unknown user or group {e}; create it with systemd/install.sh", err=True)
+        click.echo(f"unknown user or group: {e.args[0]}; create it with systemd/install.sh",
+                   err=True)
         sys.exit(2)
     probe = Probe(timeout_s=timeout, write_test_mb=write_test_mb)
     checks = run_checks(cfg, who, probe, out_dir, [a for a in AREAS if a not in skip])
