@@ -310,17 +310,17 @@ def test_watchdog_with_real_pipeline_and_stall(tmp_path, notify_socket, monkeypa
 
         stall_at = time.monotonic_ns()
         STALL["/fake/cam"].set()
-        time.sleep(1.5)
+        time.sleep(1.8)
         resume_at = time.monotonic_ns()
         STALL["/fake/cam"].clear()
-        # deadline 0.5 s + one 0.05 s tick of resolution; then nothing until resume
-        starved = [x for x in ns.times("WATCHDOG=1") if stall_at + 700_000_000 < x < resume_at]
+        # deadline 0.5 s + tick resolution (+ margin for a loaded machine); then nothing
+        starved = [x for x in ns.times("WATCHDOG=1") if stall_at + 1_000_000_000 < x < resume_at]
         assert starved == []
         assert any("UNHEALTHY (watchdog starved): /fake/cam stalled" in s for s in ns.statuses())
 
-        time.sleep(0.8)
+        time.sleep(1.0)
         resumed = [x for x in ns.times("WATCHDOG=1") if x > resume_at]
-        assert resumed and resumed[0] - resume_at < 500_000_000
+        assert resumed and resumed[0] - resume_at < 800_000_000
         assert ns.statuses()[-1].startswith("ok")
     finally:
         stop.set()
