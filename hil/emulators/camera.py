@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     """Serve the emulator alone (for a viewer such as ``ffplay URI`` or the benchmark):
     prints the URI on the first line of stdout, then serves until the duration ends."""
     import argparse
+    import signal
     import tempfile
 
     from ..scenario import load_scenario
@@ -377,9 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     s = s.model_copy(update={"options": opts, "rate_hz": a.fps or s.rate_hz})
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="edgecap-cam-"))
     emu = CameraEmulator(World(sc), s, run_dir, time.monotonic_ns())
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
     with emu:
         print(emu.uri, flush=True)
-        emu.stop_event.wait(a.duration)
+        try:
+            done.wait(a.duration)
+        except KeyboardInterrupt:
+            pass
     print(f"sent {emu.sent} capture_cpu_s={emu.capture_cpu_s:.3f}", flush=True)
     return 0
 
