@@ -173,13 +173,19 @@ def render(snap: Snapshot) -> Group:
     head = Text.assemble(("edgecap ", "bold"), f"{i.get('device_id', '?')}  ", state,
                          f"\nsession {i.get('session_id', '?')}  v{i.get('version', '?')}"
                          f"  up {_dur(snap.get('edgecap_uptime_seconds'))}")
-    t = Table(expand=False, pad_edge=False, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 1))
+    t = Table(expand=False, pad_edge=False, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  show_edge=False)
     name_w = max([len(n) for n in snap.streams] + [6])
     t.add_column("stream", no_wrap=True, min_width=name_w)
     for col, just in (("req", "center"), ("rate/nom", "right"), ("samples", "right"),
                       ("drops", "right"), ("gaps", "right"), ("bad", "right"),
                       ("queue", "right"), ("clock", "left")):
         t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    clocks = Table(expand=False, pad_edge=False, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  show_edge=False)
+    for col in ("stream", "clock", "offset", "jitter"):
+        clocks.add_column(col, justify="left" if col in ("stream", "clock") else "right",
+                          no_wrap=True, min_width=name_w if col == "stream" else None)
     for sv in sorted(snap.streams.values(), key=lambda s: s.name):
         slow = (sv.rate_hz is not None and sv.nominal_hz
                 and sv.rate_hz < 0.8 * sv.nominal_hz)
@@ -188,15 +194,14 @@ def render(snap: Snapshot) -> Group:
                     style="red" if slow else "")
         lock = (Text("-") if sv.locked is None else
                 Text("locked", style="green") if sv.locked else Text("UNLOCKED", style="red"))
-        if sv.offset_s is not None:
-            lock.append(f" {_us(sv.offset_s)}")
-        if sv.jitter_s is not None:
-            lock.append(f" ±{_us(sv.jitter_s).lstrip('+')}")
         t.add_row(sv.name, "•" if sv.required else "", rate, f"{sv.samples:.0f}",
                   Text(f"{sv.queue_drops:.0f}", style="red" if sv.queue_drops else ""),
                   Text(f"{sv.gaps:.0f}", style="red" if sv.gaps else ""),
                   Text(f"{sv.corrupt:.0f}", style="red" if sv.corrupt else ""),
                   f"{sv.depth:.0f}", lock)
+        if sv.offset_s is not None or sv.jitter_s is not None:
+            clocks.add_row(sv.name, lock.copy(), _us(sv.offset_s),
+                           "-" if sv.jitter_s is None else _us(sv.jitter_s).lstrip("+"))
     free, total = snap.get("edgecap_disk_free_bytes"), snap.get("edgecap_disk_total_bytes")
     pct = f" ({100 * free / total:.0f}% free)" if free is not None and total else ""
     lines = [
@@ -211,7 +216,7 @@ def render(snap: Snapshot) -> Group:
              f"{snap.get('edgecap_spool_uploaded_segments') or 0:.0f} uploaded still on disk"),
         Text(_upload_line(snap)),
     ]
-    return Group(head, t, *lines)
+    return Group(head, t, *([clocks] if clocks.row_count else []), *lines)
 
 
 def upload_rate(prev: Snapshot | None, cur: Snapshot) -> float | None:
@@ -243,7 +248,8 @@ def _upload_line(snap: Snapshot) -> str:
     conn = snap.get("edgecap_sync_upload_connected")
     if conn is not None:
         parts.append("connected" if conn >= 0.5 else "NOT CONNECTED")
-    parts.append(f"[{snap.upload_source}]")
+    if snap.upload_source:
+        parts.append(f"[{snap.upload_source}]")
     return "  ".join(parts)
 
 

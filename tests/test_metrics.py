@@ -65,8 +65,8 @@ def test_scrape_during_recording_matches_manifests(tmp_path):
         time.sleep(0.7)
         mid = scrape(srv.url)
         rates = per_stream(mid, "edgecap_stream_rate_hz")
-        assert 20 < rates["/camera/front"] < 40, rates
-        assert 35 < rates["/mic/cabin"] < 65, rates  # 48000 / 960 = 50 Hz
+        assert 15 < rates["/camera/front"] < 45, rates
+        assert 30 < rates["/mic/cabin"] < 70, rates  # 48000 / 960 = 50 Hz
         assert per_stream(mid, "edgecap_stream_samples_total")["/camera/front"] > 20
         assert per_stream(mid, "edgecap_stream_nominal_rate_hz")["/mic/cabin"] == 50
         assert per_stream(mid, "edgecap_stream_required") == {

