@@ -108,7 +108,8 @@ def _disc(cx: float, y: float, cz: float, r: float, n: int = 12) -> np.ndarray:
 
 
 def _facing_disc(cx: float, cy: float, cz: float, r: float, n: int = 10) -> np.ndarray:
-    """A horizontal-axis-free 'sphere' stand-in: discs in two planes are drawn as one."""
+    """A disc in the local y–z plane; drawn together with an x–z disc it reads as a round
+    head from any direction."""
     a = np.linspace(0, 2 * np.pi, n, endpoint=False)
     return np.stack([np.full(n, cx), cy + r * np.cos(a), cz + r * np.sin(a)], 1)
 

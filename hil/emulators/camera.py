@@ -34,11 +34,13 @@ Truth (``truth/camera.jsonl``): per frame ``{"type": "sample", "seq", "true_ns",
 ``sent`` means queued to at least one client; ``reason`` says why not (``dropout``,
 ``stall``, ``disconnect``, ``no_client``, ``overrun``); boxes are written for sent frames
 (see :class:`hil.render.GtBox`) — plus one ``{"type": "fault", ...}`` record per fault
-when it begins.
+when it begins, and ``{"type": "fault", "kind": "client_drop", "seq", "client"}`` when a
+slow client's queue overflowed and a queued frame was dropped for it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import struct
@@ -89,19 +91,22 @@ class _Client:
     def __init__(self, sock: socket.socket, addr: Any, maxlen: int):
         self.sock = sock
         self.addr = addr
-        self.parts: deque[tuple[int, bytes]] = deque()
+        self.parts: deque[tuple[int, int, bytes]] = deque()
         self.maxlen = maxlen
         self.cond = threading.Condition()
         self.closed = False
         self.dropped = 0
 
-    def push(self, send_at_ns: int, part: bytes) -> None:
+    def push(self, send_at_ns: int, seq: int, part: bytes) -> int | None:
+        """Queue a part; returns the seq of the oldest part dropped to make room."""
+        dropped = None
         with self.cond:
             if len(self.parts) >= self.maxlen:
-                self.parts.popleft()
+                dropped = self.parts.popleft()[1]
                 self.dropped += 1
-            self.parts.append((send_at_ns, part))
+            self.parts.append((send_at_ns, seq, part))
             self.cond.notify()
+        return dropped
 
     def close(self) -> None:
         with self.cond:
@@ -214,7 +219,6 @@ class CameraEmulator(Emulator):
                 conn.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
                 return
             if path == "/calibration.json":
-                import json
                 body = json.dumps(self.calibration).encode()
                 conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -254,7 +258,7 @@ class CameraEmulator(Emulator):
                     c.cond.wait(0.2)
                 if c.closed or self.stop_event.is_set():
                     return
-                send_at_ns, part = c.parts.popleft()
+                send_at_ns, _seq, part = c.parts.popleft()
             delay = (send_at_ns - time.monotonic_ns()) / 1e9
             if delay > 0 and self.stop_event.wait(delay):
                 return
@@ -299,7 +303,10 @@ class CameraEmulator(Emulator):
                 part, extra = self._frame(t_s, seq, device_ns, faults, header)
                 rec.update(extra)
                 for c in clients:
-                    c.push(due_ns + delay_ns, part)
+                    lost = c.push(due_ns + delay_ns, seq, part)
+                    if lost is not None:   # a slow client: the oldest queued frame goes
+                        self.truth.write({"type": "fault", "kind": "client_drop",
+                                          "seq": lost, "client": f"{c.addr[0]}:{c.addr[1]}"})
                 self.count("sent")
                 rec.update(sent=True, clients=len(clients))
             else:
