@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EDGECAP := $(VENV)/bin/edgecap
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test test-hil bench lint-units clean
+.PHONY: setup demo test test-hil bench install install-units clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -22,6 +22,13 @@ test-hil: setup
 
 bench: setup
 	@$(PY) -m bench
+
+# On a vehicle, as root: the edgecap user, /opt/edgecap, /etc/edgecap and the units
+install: setup
+	systemd/install.sh
+
+install-units:
+	systemd/install.sh --units-only
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

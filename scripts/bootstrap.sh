@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(libportaudio2 libusb-1.0-0 socat pulseaudio pulseaudio-utils espeak-ng sox)
+APT_PKGS=(libportaudio2 libusb-1.0-0 socat pulseaudio pulseaudio-utils espeak-ng sox systemd util-linux)
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP="$VENV/.edgecap-installed"

@@ -30,8 +30,9 @@ COMMAND_MODULES = [
 def main(verbose: int) -> None:
     """edgecap: capture, pre-label and upload time-aligned sensor bundles."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.logfmt import configure_logging
+
+    configure_logging(level)
 
 
 def _load() -> None:

@@ -22,13 +22,17 @@ def run_record(config: str, duration: float | None, out: str | None,
     cfg = load_config(config)
     pipe = Pipeline(cfg, out_dir=out)
     pipe.open()
+    from agent.ops import Operations
+
+    ops = Operations.attach(pipe)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    t0 = time.monotonic()
     try:
         pipe.start()
-        t0 = time.monotonic()
         while not stop.wait(0.5):
+            ops.tick()
             elapsed = time.monotonic() - t0
             if not quiet and sys.stderr.isatty():
                 click.echo("\r" + status_line(pipe, elapsed), nl=False, err=True)
@@ -37,6 +41,7 @@ def run_record(config: str, duration: float | None, out: str | None,
             if not pipe.live and pipe.wait_sources_done(0):
                 break
     finally:
+        ops.close()
         if not quiet:
             click.echo(("\r" if sys.stderr.isatty() else "") + status_line(pipe, time.monotonic() - t0) + "  stopping…",
                        err=True)
