@@ -167,7 +167,7 @@ def decode(frames: Iterable[Any], allowed: frozenset[str],
         raise ProtocolError("too_large", f"header of {len(head)} bytes")
     try:
         obj = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True,
-                              max_str_len=limits.max_header, max_bin_len=limits.max_manifest,
+                              max_str_len=limits.max_header, max_bin_len=limits.max_header,
                               max_array_len=64, max_map_len=32, max_ext_len=0)
     except Exception as e:  # msgpack raises many kinds on hostile input
         raise ProtocolError("bad_message", f"not msgpack ({type(e).__name__})") from None

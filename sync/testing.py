@@ -287,3 +287,45 @@ class FaultProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def ingest_config(root: str | os.PathLike[str], keyset: dict[str, Path] | None = None, *,
+                  backend: str = "fs", options: dict[str, Any] | None = None,
+                  listen: str = "tcp://127.0.0.1:0", **over: Any) -> Any:
+    """An IngestConfig for tests: CURVE with ``keyset`` (from :func:`make_keys`), else
+    insecure on loopback; staging and fs store under ``root``."""
+    from .ingest_config import parse_ingest_config
+
+    r = Path(root)
+    data: dict[str, Any] = {"listen": listen, "staging_dir": str(r / "staging"),
+                            "server_id": "test-ingest"}
+    if keyset is None:
+        data["insecure"] = True
+    else:
+        data["server_secret_key_file"] = str(keyset["server_secret"])
+        data["clients_dir"] = str(keyset["clients_dir"])
+    if options is None:
+        options = {"root": str(r / "store")} if backend == "fs" else {}
+    data["storage"] = {"backend": backend, "options": options}
+    limits = over.pop("limits", None)
+    if limits:
+        data["limits"] = limits
+    data.update(over)
+    return parse_ingest_config(data, "<test>")
+
+
+def sync_config(endpoint: str, keyset: dict[str, Path] | None = None, client: str = "rig",
+                **over: Any) -> Any:
+    """A rig's SyncConfig for tests: CURVE with ``keyset`` or insecure on loopback; short
+    timeouts so faults are noticed quickly."""
+    from agent.config import SyncConfig
+
+    data: dict[str, Any] = {"server": endpoint, "timeout_s": 3.0, "reconnect_max_s": 0.5,
+                            "poll_s": 0.2}
+    if keyset is None:
+        data["insecure"] = True
+    else:
+        data["server_public_key"] = str(keyset["server_public"])
+        data["client_secret_key_file"] = str(keyset[f"{client}_secret"])
+    data.update(over)
+    return SyncConfig(**data)

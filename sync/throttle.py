@@ -38,7 +38,7 @@ class TokenBucket:
         """Take ``n`` bytes now and return 0.0, or take nothing and return the seconds to
         wait before asking again. Never blocks."""
         self._refill()
-        if self._tokens >= 0.0:
+        if self._tokens >= -0.5:  # within half a byte: float rounding, not debt
             self._tokens -= n
             return 0.0
         return -self._tokens / self.rate

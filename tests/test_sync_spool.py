@@ -1,0 +1,170 @@
+"""Edge-side pieces without a network: spool scanning and ordering, markers, the state
+file, the token bucket and upload windows."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+import pytest
+
+from sync.schedule import UploadWindows
+from sync.spool import (REJECTED_SUFFIX, STATE_FILE, UPLOADED_SUFFIX, Spool, SyncState)
+from sync.testing import make_bundle
+from sync.throttle import TokenBucket, chunk_for_rate
+
+
+def test_scan_finds_closed_segments_with_manifests_only(tmp_path):
+    make_bundle(tmp_path, "rig", "rig_s1", 0, 100)
+    seg1 = make_bundle(tmp_path, "rig", "rig_s1", 1, 100)
+    # a segment still being written, a closed one without its manifest yet, a temp file
+    (tmp_path / "rig_s1" / "rig_s1_00002.mcap.active").write_bytes(b"x" * 10)
+    (tmp_path / "rig_s1" / "rig_s1_00003.mcap").write_bytes(b"x" * 10)
+    (tmp_path / "rig_s1" / ".rig_s1_00004.manifest.json.tmp").write_text("{}")
+    (tmp_path / ".hidden").mkdir()
+    sp = Spool(tmp_path, "rig")
+    keys = [b.key for b in sp.scan()]
+    assert keys == ["rig_s1/rig_s1_00000", "rig_s1/rig_s1_00001"]
+    sp.mark(sp.scan()[1], UPLOADED_SUFFIX, {"outcome": "stored"})
+    assert [b.key for b in sp.scan()] == ["rig_s1/rig_s1_00000"]
+    marker = json.loads(seg1.with_name("rig_s1_00001" + UPLOADED_SUFFIX).read_text())
+    assert marker["outcome"] == "stored" and marker["size"] == 100
+
+
+def test_priority_then_triggered_then_oldest(tmp_path):
+    make_bundle(tmp_path, "rig", "rig_a", 0, 10, closed_unix_ns=100)
+    make_bundle(tmp_path, "rig", "rig_a", 1, 10, closed_unix_ns=200, triggers=[{"n": 1}])
+    make_bundle(tmp_path, "rig", "rig_a", 2, 10, closed_unix_ns=300, priority=5)
+    make_bundle(tmp_path, "rig", "rig_b", 0, 10, closed_unix_ns=50)
+    make_bundle(tmp_path, "rig", "rig_b", 1, 10, closed_unix_ns=400, triggers=[])
+    order = [b.key for b in Spool(tmp_path).scan()]
+    assert order == ["rig_a/rig_a_00002", "rig_a/rig_a_00001", "rig_b/rig_b_00000",
+                     "rig_a/rig_a_00000", "rig_b/rig_b_00001"]
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda m, s: m.write_text("{not json"), "bad_manifest"),
+    (lambda m, s: m.write_text("[1]"), "bad_manifest"),
+    (lambda m, s: _edit(m, sha256="xyz"), "bad_manifest"),
+    (lambda m, s: _edit(m, size="10"), "bad_manifest"),
+    (lambda m, s: _edit(m, session_id="other"), "bad_manifest"),
+    (lambda m, s: _edit(m, segment="../../etc/passwd"), "bad_manifest"),
+    (lambda m, s: _edit(m, device_id="a/b"), "bad_manifest"),
+    (lambda m, s: _edit(m, priority="high"), "bad_manifest"),
+    (lambda m, s: _edit(m, triggers="yes"), "bad_manifest"),
+    (lambda m, s: s.write_bytes(b"short"), "size_mismatch"),
+    (lambda m, s: _edit(m, device_id="another-rig"), "other_device"),
+])
+def test_bad_local_bundles_are_counted_and_skipped(tmp_path, damage, reason):
+    seg = make_bundle(tmp_path, "rig", "rig_s1", 0, 100)
+    make_bundle(tmp_path, "rig", "rig_s1", 1, 100)
+    damage(seg.with_name("rig_s1_00000.manifest.json"), seg)
+    sp = Spool(tmp_path, "rig")
+    assert [b.key for b in sp.scan()] == ["rig_s1/rig_s1_00001"]
+    assert sp.skipped == {reason: 1}
+    sp.scan()  # cached: counted once, not on every scan
+    assert sp.skipped == {reason: 1}
+
+
+def _edit(path, **kw):
+    m = json.loads(path.read_text())
+    m.update(kw)
+    path.write_text(json.dumps(m))
+
+
+def test_rejected_marker_and_delete_only_after_uploaded(tmp_path):
+    make_bundle(tmp_path, "rig", "rig_s1", 0, 10)
+    make_bundle(tmp_path, "rig", "rig_s1", 1, 10)
+    sp = Spool(tmp_path, "rig")
+    a, b = sp.scan()
+    with pytest.raises(AssertionError):
+        sp.delete_segment(a)
+    assert a.path.exists()
+    sp.mark(a, UPLOADED_SUFFIX, {})
+    assert sp.delete_segment(a) and not a.path.exists()
+    assert a.manifest_path.exists()
+    sp.mark(b, REJECTED_SUFFIX, {"reason": "conflict"})
+    assert sp.scan() == []
+
+
+def test_state_file_round_trip_and_corruption(tmp_path):
+    st = SyncState(tmp_path)
+    st.update("s/b", "a" * 64, sent=300, acked=200)
+    st.save()
+    assert not list(tmp_path.glob(".*.tmp"))  # written via rename
+    again = SyncState(tmp_path)
+    assert again.get("s/b", "a" * 64) == {"sha256": "a" * 64, "sent": 300, "acked": 200}
+    assert again.get("s/b", "b" * 64)["sent"] == 0  # another content: start clean
+    (tmp_path / STATE_FILE).write_text("{garbage")
+    assert SyncState(tmp_path).inflight == {}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_token_bucket_holds_its_rate():
+    clk = FakeClock()
+    tb = TokenBucket(1000.0, 100.0, clk)
+    sent = 0
+    while clk.t < 10.0:
+        d = tb.try_take(50)
+        if d == 0:
+            sent += 50
+        else:
+            assert d > 0
+            clk.t += d
+    # 10 s at 1000 B/s, plus at most the one send the bucket lends
+    assert 10_000 <= sent <= 10_050 + 50
+
+
+def test_token_bucket_burst_is_capped_after_idle():
+    clk = FakeClock()
+    tb = TokenBucket(1000.0, 200.0, clk)
+    clk.t = 3600.0  # an hour idle must not bank an hour of bandwidth
+    taken = 0
+    while tb.try_take(100) == 0:
+        taken += 100
+    assert taken <= 300
+
+
+def test_chunk_for_rate():
+    assert chunk_for_rate(1e9, 1 << 20) == 1 << 20
+    assert chunk_for_rate(125_000, 1 << 20) == 16 << 10  # floor
+    assert chunk_for_rate(1_250_000, 1 << 20) == 125_000
+    assert TokenBucket.from_kbps(8000, 1000).rate == 1_000_000
+
+
+@pytest.mark.parametrize("specs,when,open_", [
+    ([], "12:00", True),
+    (["22:00-06:00"], "23:30", True),
+    (["22:00-06:00"], "05:59", True),
+    (["22:00-06:00"], "06:00", False),
+    (["22:00-06:00"], "12:00", False),
+    (["09:00-10:00", "13:00-24:00"], "23:59", True),
+    (["09:00-10:00", "13:00-24:00"], "11:00", False),
+    (["00:00-24:00"], "00:00", True),
+])
+def test_upload_windows(specs, when, open_):
+    h, m = map(int, when.split(":"))
+    assert UploadWindows(specs).is_open(datetime(2026, 1, 1, h, m)) is open_
+
+
+def test_seconds_until_open():
+    w = UploadWindows(["22:00-06:00"])
+    assert w.seconds_until_open(datetime(2026, 1, 1, 21, 30)) == 1800
+    assert w.seconds_until_open(datetime(2026, 1, 1, 23, 0)) == 0
+    assert w.seconds_until_open(datetime(2026, 1, 1, 21, 59, 30)) == 30
+
+
+def test_spool_ignores_unreadable_root(tmp_path):
+    assert Spool(tmp_path / "missing").scan() == []
+    os.makedirs(tmp_path / "bad name")  # not a valid id: its manifests are refused
+    make_bundle(tmp_path, "rig", "bad name", 0, 10)
+    sp = Spool(tmp_path)
+    assert sp.scan() == [] and sp.skipped == {"bad_id": 1}
