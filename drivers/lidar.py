@@ -124,7 +124,7 @@ class ScanAssembler:
     def __init__(self, info: Any, counters: Counters, stream: str = "",
                  on_gap: Callable[..., None] | None = None, check_crc: bool = True):
         from ouster.sdk.core import (ColHeader, FrameBatcher, LidarFrame, LidarPacket,
-                                     PacketFormat, XYZLutFloat)
+                                     PacketFormat, XYZLut)
 
         self.info = info
         self.pf = pf = PacketFormat(info)
@@ -149,47 +149,113 @@ class ScanAssembler:
         self._pkt = LidarPacket(pf)
         self._batcher = FrameBatcher(info)
         self._frame = LidarFrame(info)
-        self._lut = XYZLutFloat(info, use_extrinsics=False)
+        lut = XYZLut(info, use_extrinsics=False)  # xyz = range_mm * direction + offset
+        self._dir = np.asarray(lut.direction, np.float32).reshape(-1, 3)
+        self._off = np.asarray(lut.offset, np.float32).reshape(-1, 3)
         self._got = np.zeros(self.ppf, bool)
         self._rx_ns = np.zeros(self.ppf, np.int64)
         self._cur: int | None = None  # frame_id being assembled
         self._last: int | None = None  # frame_id of the last scan emitted (or skipped)
         self._skip: int | None = None  # frame_id of a partial first frame being skipped
         self._last_rx_ns = 0
-        rows = np.arange(self.h, dtype=np.uint16)
-        self._ring = np.repeat(rows[:, None], self.w, 1)
+        self._ring = np.repeat(np.arange(self.h, dtype=np.uint32), self.w)
+        self._col = np.tile(np.arange(self.w), self.h)
+        self._id_bytes: bytes | None = None
+        self._crc: Any = None
+        self._fast = self._verify_fast_path()
+
+    def _verify_fast_path(self) -> bool:
+        """The hot path reads the header fields and the CRC-64 by plain byte offsets (the
+        documented layout of the non-LEGACY profiles) and checks the CRC with ``anycrc``;
+        ouster-sdk's accessors cost 1-10 µs each and its CRC ~50 µs a packet. Both are
+        verified here against ouster-sdk on a packet it built; on any mismatch (other
+        layout, anycrc missing) the slow path through ouster-sdk is used instead."""
+        if self.legacy or not self.init_id or not self.sn:
+            return False
+        from ouster.sdk.core import LidarFrame, LidarPacket, frame_to_packets
+
+        fr = LidarFrame(self.info)
+        fr.measurement_id[:] = np.arange(self.w, dtype=np.uint16)
+        fr.status[:] = 1
+        fr.field("RANGE")[:] = 1000
+        fr.frame_id = 0x1234
+        refs = [p.buf.tobytes() for p in frame_to_packets(fr, self.pf, self.init_id, self.sn)
+                if isinstance(p, LidarPacket)]
+        if len(refs) < 2:
+            return False
+        ref = refs[1]
+        a = np.frombuffer(ref, np.uint8)
+        pf = self.pf
+        ok = (len(ref) == self.size and ref[0:2] == b"\x01\x00" and pf.packet_type(a) == 1
+              and int.from_bytes(ref[2:4], "little") == pf.frame_id(a) == 0x1234
+              and int.from_bytes(ref[4:7], "little") == pf.init_id(a) == self.init_id
+              and int.from_bytes(ref[7:12], "little") == pf.prod_sn(a) == self.sn
+              and int.from_bytes(ref[self.hdr + 8:self.hdr + 10], "little")
+              == int(pf.packet_header(self._mid_hdr, a)[0]) == self.cpp)
+        if not ok:
+            return False
+        self._id_bytes = ref[4:12]
+        try:
+            import anycrc
+
+            model = anycrc.Model("CRC64-XZ")
+            stored = pf.crc(a)
+            if (stored is not None and model.calc(ref[:-8]) == stored
+                    == int.from_bytes(ref[-8:], "little")):
+                self._crc = model
+        except Exception:  # anycrc absent or different: ouster-sdk computes the CRC
+            self._crc = None
+        return True
 
     # -- per datagram -----------------------------------------------------------------
-    def classify(self, buf: np.ndarray) -> tuple[str, int, int]:
+    def classify(self, buf: memoryview) -> tuple[str, int, int]:
         """``("ok", frame_id, packet_index)`` or ``(counter_name, -1, -1)`` for a bad
-        datagram. ``buf`` is a uint8 array of the datagram."""
+        datagram. ``buf`` is a byte memoryview of the datagram."""
         n = len(buf)
-        pf = self.pf
-        if self.legacy:
-            if n != self.size:
-                return ("truncated" if n < self.size else "garbage"), -1, -1
-        else:
-            if n < self.hdr:
-                return "garbage", -1, -1
-            if (pf.packet_type(buf) != 1 or (self.sn and pf.prod_sn(buf) != self.sn)
-                    or (self.init_id and pf.init_id(buf) != self.init_id)):
+        if self._fast:
+            if n < self.hdr or buf[0:2] != b"\x01\x00" or buf[4:12] != self._id_bytes:
                 return "garbage", -1, -1
             if n != self.size:
                 return "truncated", -1, -1
             if self.check_crc:
-                crc = pf.crc(buf)
-                if crc is not None and crc != pf.calculate_crc(buf):
-                    return "corrupt", -1, -1
-        mid = int(pf.packet_header(self._mid_hdr, buf)[0])
+                if self._crc is not None:
+                    if self._crc.calc(buf[:n - 8]) != int.from_bytes(buf[n - 8:], "little"):
+                        return "corrupt", -1, -1
+                else:
+                    a = np.frombuffer(buf, np.uint8)
+                    if self.pf.crc(a) != self.pf.calculate_crc(a):
+                        return "corrupt", -1, -1
+            fid = buf[2] | buf[3] << 8
+            mid = buf[self.hdr + 8] | buf[self.hdr + 9] << 8
+        else:
+            a = np.frombuffer(buf, np.uint8)
+            pf = self.pf
+            if self.legacy:
+                if n != self.size:
+                    return ("truncated" if n < self.size else "garbage"), -1, -1
+            else:
+                if n < self.hdr:
+                    return "garbage", -1, -1
+                if (pf.packet_type(a) != 1 or (self.sn and pf.prod_sn(a) != self.sn)
+                        or (self.init_id and pf.init_id(a) != self.init_id)):
+                    return "garbage", -1, -1
+                if n != self.size:
+                    return "truncated", -1, -1
+                if self.check_crc:
+                    crc = pf.crc(a)
+                    if crc is not None and crc != pf.calculate_crc(a):
+                        return "corrupt", -1, -1
+            fid = int(pf.frame_id(a))
+            mid = int(pf.packet_header(self._mid_hdr, a)[0])
         off = (mid - self.col0) % self.w
         if mid >= self.w or off % self.cpp or off // self.cpp >= self.ppf:
             return "corrupt", -1, -1
-        return "ok", int(pf.frame_id(buf)), off // self.cpp
+        return "ok", fid, off // self.cpp
 
     def feed(self, data: bytes | bytearray | memoryview | np.ndarray,
              host_ns: int) -> list[Sample]:
         """One datagram (``host_ns``: its arrival time). Returns the scans it finished."""
-        buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+        buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
         try:
             kind, fid, pidx = self.classify(buf)
         except Exception:  # a parser surprise must not stop capture
@@ -239,7 +305,7 @@ class ScanAssembler:
     def _late(self) -> None:
         self.counters.inc("late_packets")
 
-    def _start(self, fid: int, buf: np.ndarray, pidx: int, host_ns: int) -> None:
+    def _start(self, fid: int, buf: memoryview, pidx: int, host_ns: int) -> None:
         if self._last is not None:
             skipped = ((fid - self._last) & 0xFFFF) - 1
             if skipped > 0:
@@ -250,21 +316,17 @@ class ScanAssembler:
         self._cur = fid
         self._got[:] = False
         self._batcher.reset()
-        fr = self._frame
-        for name in fr.fields:
-            fr.field(name)[:] = 0
-        fr.timestamp[:] = 0
-        fr.status[:] = 0
-        fr.measurement_id[:] = 0
+        # columns of packets that never come keep stale data; their status says invalid
+        self._frame.status[:] = 0
         self._add(buf, pidx, host_ns)
 
-    def _add(self, buf: np.ndarray, pidx: int, host_ns: int) -> None:
+    def _add(self, buf: memoryview, pidx: int, host_ns: int) -> None:
         if self._got[pidx]:
             self.counters.inc("duplicates")
             return
         self._got[pidx] = True
         self._rx_ns[pidx] = host_ns
-        self._pkt.buf[:] = buf
+        self._pkt.buf[:] = np.frombuffer(buf, np.uint8)
         self._batcher.batch(self._pkt, self._frame)
         self.counters.inc("packets")
 
@@ -285,27 +347,28 @@ class ScanAssembler:
         fr = self._frame
         ts = fr.timestamp.astype(np.int64)
         colok = (fr.status & 1).astype(bool)
-        rng = fr.field("RANGE")
-        valid = (rng > 0) & colok[None, :]
-        xyz = self._lut(fr)
-        n = int(valid.sum())
-        pts = np.zeros(n, POINT_DTYPE)
-        pts["x"] = xyz[..., 0][valid]
-        pts["y"] = xyz[..., 1][valid]
-        pts["z"] = xyz[..., 2][valid]
-        if "SIGNAL" in fr.fields:
-            pts["intensity"] = fr.field("SIGNAL")[valid]
-        elif "REFLECTIVITY" in fr.fields:
-            pts["intensity"] = fr.field("REFLECTIVITY")[valid]
-        pts["ring"] = self._ring[valid]
+        rng = fr.field("RANGE").reshape(-1)
+        idx = np.flatnonzero((rng > 0) & np.tile(colok, self.h))
+        n = len(idx)
+        # one (n, 6) block of 32-bit words viewed as POINT_DTYPE (x y z intensity t ring)
+        out = np.empty((n, 6), np.float32)
+        out[:, :3] = rng[idx, None].astype(np.float32) * self._dir[idx] + self._off[idx]
+        names = fr.fields
+        inten = "SIGNAL" if "SIGNAL" in names else "REFLECTIVITY" if "REFLECTIVITY" in names \
+            else None
+        out[:, 3] = fr.field(inten).reshape(-1)[idx] if inten else 0.0
+        words = out.view(np.uint32)
+        words[:, 5] = self._ring[idx]  # ring in the low 16 bits, zero padding above
         first = int(np.argmax(colok)) if colok.any() else -1
         device_t_ns = int(ts[first]) if first >= 0 else None
         if device_t_ns is not None:
-            cols = np.broadcast_to(np.arange(self.w), valid.shape)[valid]
-            pts["t_offset_ns"] = np.clip(ts[cols] - device_t_ns, 0, 0xFFFFFFFF)
+            cols = self._col[idx]
+            words[:, 4] = np.clip(ts[cols] - device_t_ns, 0, 0xFFFFFFFF)
             host = int(self._rx_ns[((first - self.col0) % self.w) // self.cpp])
         else:
+            words[:, 4] = 0
             host = int(self._rx_ns[self._got].min()) if self._got.any() else self._last_rx_ns
+        pts = out.view(POINT_DTYPE).reshape(n)
         return Sample(self.stream, pts, host_rx_ns=host, device_t_ns=device_t_ns, seq=fid,
                       meta={"incomplete": bool(missing), "packets": got,
                             "missing_packets": missing})

@@ -160,6 +160,20 @@ def test_bad_datagrams_are_classified():
     assert c["packets"] == 0
 
 
+def test_fast_header_path_is_verified_and_agrees_with_ouster_sdk_accessors():
+    fast, cf, _ = assembler()
+    slow, cs, _ = assembler()
+    assert fast._fast and fast._crc is not None  # verified against ouster-sdk at startup
+    slow._fast = False
+    pk = frame(70)[0]
+    bad = [pk[1][:5000], b"\x01\x00" + bytes(40), bytes(bytearray(pk[2])[:-1]) + b"\x00"]
+    datas = list(pk[:30]) + bad + list(pk[31:]) + list(frame(72)[0])
+    a, b = feed_all(fast, datas) + fast.flush(), feed_all(slow, datas) + slow.flush()
+    assert cf.as_dict() == cs.as_dict() and cf["corrupt"] == 1 and cf["truncated"] == 1
+    assert [s.seq for s in a] == [s.seq for s in b] == [70, 72]
+    assert all(np.array_equal(x.payload, y.payload) for x, y in zip(a, b))
+
+
 POOL = [p for f in (60, 61, 62, 65, 0, 65535) for p in frame(f)[0][::7]]
 
 

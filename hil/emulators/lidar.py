@@ -205,6 +205,7 @@ class LidarEmulator(Emulator):
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
         if self.pcap_path is not None:
             self._pcap = PcapWriter(Path(self.pcap_path), self.dest[1], self.dest[1])
+        self.render_frame(0)  # warm up (scene, noise table, ouster-sdk) before the clock runs
         # first frame: the next one that starts at least 30 ms from now (time to render)
         d_now = self.clock.device_ns(time.monotonic_ns() + 30_000_000)
         k0 = max(0, -(-(d_now - self.d0_ns) // self.period_ns))
@@ -428,3 +429,45 @@ class LidarEmulator(Emulator):
         if self._pcap is not None:
             self._pcap.write(data, time.time())
         return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the emulator alone (for ``ouster-cli source udp://...``-style viewers, the
+    driver or the benchmark): prints the URI on the first line of stdout, sends until the
+    duration ends or SIGTERM, then prints one JSON line with what it sent."""
+    import argparse
+    import signal
+    import tempfile
+
+    from ..scenario import load_scenario
+
+    ap = argparse.ArgumentParser(prog="python -m hil.emulators.lidar")
+    ap.add_argument("--scenario", default="city-drive")
+    ap.add_argument("--port", type=int, default=7502, help="destination UDP port")
+    ap.add_argument("--host", default="127.0.0.1", help="destination host")
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--pcap", help="also write every datagram sent to this pcap file")
+    ap.add_argument("--run-dir")
+    a = ap.parse_args(argv)
+    sc = load_scenario(a.scenario)
+    s = sc.devices.lidar
+    s = s.model_copy(update={"options": {**s.options, "dest_host": a.host}})
+    run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="edgecap-lidar-"))
+    emu = LidarEmulator(World(sc), s, run_dir, time.monotonic_ns(), dest_port=a.port,
+                        pcap_path=Path(a.pcap) if a.pcap else None)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with emu:
+        print(emu.uri, flush=True)
+        try:
+            done.wait(a.duration)
+        except KeyboardInterrupt:
+            pass
+    print(json.dumps({**emu.sent, "max_late_ms": round(emu.max_late_ns / 1e6, 3),
+                      "metadata": str(emu.metadata_path), "run_dir": str(run_dir)}),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
