@@ -219,8 +219,11 @@ def test_records_the_emulator_with_consistent_counts_and_clapper_timing(pa, tmp_
     spread = max(lat_ms) - min(lat_ms)
     print(f"\naudio path latency (clapper onset, earliest-arrival line): "
           f"{[round(v, 2) for v in lat_ms]} ms; spread {spread:.2f} ms")
-    assert -5 < min(lat_ms) and max(lat_ms) < 250
-    assert spread < 2.0  # a fixed latency: the clock stage can calibrate it out
+    # the offset is fixed within a session (it varies by some ms between sessions, as the
+    # sink's 10-20 ms render blocks fall), so the clock stage can calibrate it out; it may
+    # be slightly negative: the null sink hands a whole render block to the monitor at once
+    assert -30 < min(lat_ms) and max(lat_ms) < 250
+    assert spread < 2.0
 
 
 def test_silence_and_clip_faults_are_visible_in_the_data(pa, tmp_path):

@@ -150,6 +150,8 @@ class AudioEmulator(Emulator):
         self._disconnected = False
         self._actions: list[tuple[int, Callable[[], None]]] = []
         self._mic_unplugged = False
+        #: CPU seconds the writer thread has used (composing, converting, writing)
+        self.writer_cpu_s = 0.0
         self._next_player_try = 0.0
         self.errors: list[str] = []
 
@@ -282,7 +284,9 @@ class AudioEmulator(Emulator):
         next_anchor = 0
         silence = np.zeros(n * self.channels, "<i2").tobytes()
         resync = True  # the next write starts (or restarts) play-out: do it on time
+        cpu0 = time.thread_time()
         while not self.stop_event.is_set():
+            self.writer_cpu_s = time.thread_time() - cpu0
             i0 = k * n
             k += 1
             sched_ns = self._sched_ns(i0)
@@ -445,3 +449,40 @@ class AudioEmulator(Emulator):
         except OSError:  # broken pipe: the player died (sink gone, server restarted)
             self._kill_player()
             return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the emulator alone on its own sound server: prints ``PULSE_SERVER=…`` and the
+    driver URI on the first two lines of stdout, then plays until the duration ends
+    (``PULSE_SERVER=… parec -d edgecap_hil_mic | …`` listens in)."""
+    import argparse
+    import signal
+    import tempfile
+
+    from ..scenario import load_scenario
+
+    ap = argparse.ArgumentParser(prog="python -m hil.emulators.audio")
+    ap.add_argument("--scenario", default="city-drive")
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--run-dir")
+    a = ap.parse_args(argv)
+    sc = load_scenario(a.scenario)
+    run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="edgecap-audio-"))
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with PulseServer(rate=int(sc.devices.audio.rate_hz or 48_000)) as pa:
+        emu = AudioEmulator(World(sc), sc.devices.audio, run_dir, time.monotonic_ns(), pulse=pa)
+        with emu:
+            print(f"PULSE_SERVER={pa.server}", flush=True)
+            print(emu.uri, flush=True)
+            try:
+                done.wait(a.duration)
+            except KeyboardInterrupt:
+                pass
+    print(f"truth: {run_dir / 'truth' / 'audio.jsonl'}; sent: {emu.sent}; "
+          f"writer_cpu_s={emu.writer_cpu_s:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
