@@ -11,6 +11,7 @@ LabelerPool` owns labelers, feeds them and publishes what they return:
     lab.accepts(info) -> bool            # can this stream be labeled by me?
     lab.outputs(info) -> [StreamInfo]    # the label streams I write for that input
     lab.label(sample) -> [Sample]        # one worker thread per labeler; may take CPU time
+    lab.flush() -> [Sample]              # at stop: labels held back (open segments)
     lab.close()
 
 Label samples carry the same ``t_ns`` as the sample they describe, their stream is
@@ -194,6 +195,11 @@ class Labeler(ABC):
     def label(self, sample: Sample) -> list[Sample]:
         """Label one sample (worker thread; CPU-bound, never waits on I/O)."""
 
+    def flush(self) -> list[Sample]:
+        """Labels still held back (an open speech segment), asked for once at stop on the
+        worker's thread after its queue is done. Default: none."""
+        return []
+
     def close(self) -> None:
         """Release sessions and buffers (after the worker has stopped)."""
         return None
@@ -205,9 +211,11 @@ class Labeler(ABC):
 def make_label(source: Sample, stream: str, payload: Any,
                detections: list[dict[str, Any]]) -> Sample:
     """A label sample describing ``source``: same ``t_ns`` and ``seq``; ``host_rx_ns`` is
-    filled by the pool when the label is ready."""
+    filled by the pool when the label is ready; ``meta["source_host_rx_ns"]`` keeps the
+    arrival time of the raw sample at the root of a chain (latency is measured from it)."""
+    rx = source.meta.get("source_host_rx_ns") or source.host_rx_ns
     return Sample(stream, payload, 0, device_t_ns=None, seq=source.seq, t_ns=source.t_ns,
-                  meta={"detections": detections, "source_host_rx_ns": source.host_rx_ns})
+                  meta={"detections": detections, "source_host_rx_ns": rx})
 
 
 # -- registry -------------------------------------------------------------------------

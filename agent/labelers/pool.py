@@ -224,10 +224,14 @@ class LabelerPool:
     def offer(self, sample: Sample) -> None:
         """Offer a sample to every labeler routed to its stream. Never blocks."""
         routes = self._routes.get(sample.stream)
-        if not routes or self._stopping.is_set():
+        if not routes:
             return
+        stopping = self._stopping.is_set()
         for w, r in routes:
             r.offered += 1
+            if stopping:  # after stop(): not labeled, and counted as such
+                r.skipped += 1
+                continue
             r.seen += 1
             if r.every_n > 1 and (r.seen - 1) % r.every_n:
                 r.sampled_out += 1
@@ -257,11 +261,16 @@ class LabelerPool:
                 while not w.queue and not self._stopping.is_set():
                     w.cond.wait(0.5)
                 if not w.queue:
-                    return
+                    break
                 if self._stopping.is_set() and time.monotonic() > self._drain_deadline:
-                    return  # stop() counts what is left as skipped
+                    break  # stop() counts what is left as skipped
                 s = w.queue.popleft()
             self._label_one(w, s)
+        try:
+            self._publish(w, w.labeler.flush(), None)
+        except Exception:
+            w.errors += 1
+            log.exception("%s: flush failed", w.name)
 
     def _label_one(self, w: _Worker, s: Sample) -> None:
         t0 = time.monotonic_ns()
@@ -276,11 +285,16 @@ class LabelerPool:
         now = time.monotonic_ns()
         w.busy_ns += now - t0
         w.labeled += 1
-        if s.host_rx_ns:
-            w.latencies_ns.append(now - s.host_rx_ns)
+        rx = s.meta.get("source_host_rx_ns") or s.host_rx_ns
+        if rx:
+            w.latencies_ns.append(now - rx)
+        self._publish(w, labels, s)
+
+    def _publish(self, w: _Worker, labels: list[Sample], s: Sample | None) -> None:
+        now = time.monotonic_ns()
         for lab in labels:
             lab.host_rx_ns = now
-            if not lab.t_ns:
+            if not lab.t_ns and s is not None:
                 lab.t_ns = s.t_ns
             dets = lab.meta.get("detections", [])
             w.labels_out += 1

@@ -1,0 +1,1 @@
+"""Reproducible CPU training of the models the labelers ship (needs the ``train`` extra)."""
