@@ -1,81 +1,524 @@
 """The shared session timebase and the clock stage that puts every Sample on it.
 
-``Timebase.now_ns()`` reads the session's clock. ``ClockStage.stamp(sample, driver)`` sets
-``sample.t_ns``; it is called in each driver's reader thread, before the sample is queued,
-and never blocks.
+``Timebase.now_ns()`` reads the session's clock: ``monotonic`` (default), ``realtime``,
+``tai`` or a PTP hardware clock (``/dev/ptpN`` through its dynamic POSIX clock id).
+``Timebase.utc_mapping()`` states how the timebase relates to UTC and how well that is
+known (chrony, else the kernel's own error bound, else "unknown").
 
-Mapping rules, per stream:
-- the driver's device clock *is* the timebase (synthetic drivers): ``t_ns = device_t_ns``;
-- otherwise a per-stream estimator maps the device clock onto the timebase (see
-  :mod:`agent.clock_estimator` where present); without a device clock the arrival time is
-  used and the stream's quality says ``source = "arrival"``.
+``ClockStage.stamp(sample, device_clock_is_timebase)`` sets ``sample.t_ns``. It is called
+in each driver's reader thread, before the sample is queued, never blocks and costs a few
+µs. Per stream it picks, at the stream's first sample:
+
+- the driver's device clock *is* the timebase (synthetic drivers): ``t_ns = device_t_ns``,
+  source ``device=timebase``;
+- the sample has a device time: a :class:`~agent.clock_estimator.ClockEstimator` maps it
+  (source ``estimator``; ``sample-count`` for audio streams declared with
+  :meth:`ClockStage.configure_stream`, whose skew is the ADC's rate error);
+- otherwise arrival time minus the configured latency, source ``arrival``.
+
+``quality(stream)``/``summary()`` report offset, skew, jitter, lock state, jumps and the
+stated uncertainty (summary goes into every manifest as ``manifest["clock"]``);
+``poll_quality(now_ns)`` yields the per-stream clock-quality samples (topic
+``/clock/<stream>``, schema ``edgecap.ClockQuality``, at most once a second) and the
+timebase↔UTC samples (``/clock/utc``, schema ``edgecap.TimebaseUtc``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import shutil
+import subprocess
+import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from fractions import Fraction
+from typing import Any, Callable, Mapping
 
-from .types import Sample
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-_CLOCKS: dict[str, Callable[[], int]] = {
-    "monotonic": time.monotonic_ns,
-    "realtime": time.time_ns,
+from .clock_estimator import ArrivalClock, ClockEstimator, EstimatorParams, LockState
+from .errors import DriverError
+from .types import Sample, StreamInfo, StreamKind
+
+QUALITY_SCHEMA = "edgecap.ClockQuality"
+UTC_SCHEMA = "edgecap.TimebaseUtc"
+UTC_TOPIC = "/clock/utc"
+
+#: JSON schema of a clock-quality message (one per stream, ≤ 1 Hz).
+CLOCK_QUALITY_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "stream": {"type": "string"},
+        "source": {"enum": ["estimator", "sample-count", "arrival", "device=timebase"]},
+        "state": {"enum": ["unlocked", "acquiring", "locked", "arrival",
+                           "device=timebase"]},
+        "offset_ns": {"type": ["integer", "null"], "description": "timebase − device"},
+        "skew_ppm": {"type": ["number", "null"],
+                     "description": "+ when the device clock runs slow"},
+        "drift_ppm": {"type": ["number", "null"],
+                      "description": "audio: real sample rate vs nominal"},
+        "jitter_ns": {"type": ["integer", "null"],
+                      "description": "median arrival delay above the envelope"},
+        "uncertainty_ns": {"type": ["integer", "null"],
+                           "description": "≈p99 bound on |t_ns − truth|; null: unknown"},
+        "latency_ns": {"type": "integer"},
+        "jumps": {"type": "integer"}, "samples": {"type": "integer"},
+    },
+    "required": ["stream", "source", "state"],
+}
+
+#: JSON schema of a timebase↔UTC message.
+UTC_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "timebase": {"type": "string"},
+        "timebase_ns": {"type": "integer"},
+        "utc_minus_timebase_ns": {"type": "integer"},
+        "uncertainty_ns": {"type": ["integer", "null"],
+                           "description": "bound on the UTC error; null: unknown"},
+        "sync": {"type": "string"}, "source": {"type": "string"},
+    },
+    "required": ["timebase", "timebase_ns", "utc_minus_timebase_ns", "uncertainty_ns"],
 }
 
 
-class Timebase:
-    """The session clock. ``kind`` is ``monotonic`` (default) or ``realtime``; ``tai`` and
-    ``ptp`` are provided by the clock module when the host supports them."""
+class TimebaseError(DriverError):
+    """The configured timebase cannot be read (no such PTP device, no permission, not a
+    PTP clock, clock not supported by this kernel)."""
 
-    def __init__(self, kind: str = "monotonic"):
+
+def ptp_clock_id(fd: int) -> int:
+    """The dynamic POSIX clock id of an open ``/dev/ptpN`` (the kernel's FD_TO_CLOCKID)."""
+    return ((~fd) << 3) | 3
+
+
+_REFRESH_NS = 50_000_000  # how often from_monotonic re-measures timebase − monotonic
+
+
+class Timebase:
+    """The session clock. ``kind``: ``monotonic`` (default), ``realtime``, ``tai`` or
+    ``ptp`` (``ptp_device``, default ``/dev/ptp0``). Raises :class:`TimebaseError` (a
+    DriverError) at construction if the clock cannot be read. ``now_ns`` and
+    ``from_monotonic`` may be called from any thread and never block (a PTP clock read is
+    a syscall of a few µs)."""
+
+    KINDS = ("monotonic", "realtime", "tai", "ptp")
+
+    def __init__(self, kind: str = "monotonic", ptp_device: str | None = None):
         self.kind = kind
-        if kind == "tai" and hasattr(time, "CLOCK_TAI"):
-            self._now = lambda: time.clock_gettime_ns(time.CLOCK_TAI)
-        elif kind in _CLOCKS:
-            self._now = _CLOCKS[kind]
+        self.ptp_device: str | None = None
+        self._fd: int | None = None
+        self._cache: tuple[int, int] | None = None  # (monotonic at measure, tb − mono)
+        if kind == "monotonic":
+            self._now: Callable[[], int] = time.monotonic_ns
+        elif kind == "realtime":
+            self._now = time.time_ns
+        elif kind == "tai":
+            if not hasattr(time, "CLOCK_TAI"):
+                raise TimebaseError("timebase 'tai': CLOCK_TAI is not available on this host")
+            tai = time.CLOCK_TAI
+            self._now = lambda: time.clock_gettime_ns(tai)
+        elif kind == "ptp":
+            self._open_ptp(ptp_device or "/dev/ptp0")
         else:
-            raise ValueError(f"timebase {kind!r} is not available on this host")
+            raise TimebaseError(f"timebase {kind!r} unknown; expected one of "
+                                f"{', '.join(self.KINDS)}")
+
+    def _open_ptp(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise TimebaseError(f"timebase 'ptp': {path} does not exist (no PTP hardware "
+                                "clock; check `ls /dev/ptp*` and the NIC driver)") from None
+        except PermissionError:
+            raise TimebaseError(f"timebase 'ptp': no permission to read {path} (add the "
+                                "agent's user to the group owning it)") from None
+        except OSError as e:
+            raise TimebaseError(f"timebase 'ptp': cannot open {path}: {e.strerror}") from None
+        cid = ptp_clock_id(fd)
+        try:
+            time.clock_gettime_ns(cid)
+        except OSError as e:
+            os.close(fd)
+            raise TimebaseError(f"timebase 'ptp': {path} is not a readable PTP clock "
+                                f"({e.strerror})") from None
+        self._fd, self.ptp_device = fd, path
+        self._now = lambda: time.clock_gettime_ns(cid)
+
+    def close(self) -> None:
+        """Release the PTP device (no-op for the other kinds). Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def now_ns(self) -> int:
         return self._now()
 
+    def _measure(self, clock: Callable[[], int]) -> tuple[int, int]:
+        """``clock − timebase`` read as a sandwich (best of three), and half the read gap."""
+        best: tuple[int, int] | None = None
+        for _ in range(3):
+            t0 = self._now()
+            c = clock()
+            t1 = self._now()
+            if best is None or t1 - t0 < best[1] * 2:
+                best = (c - (t0 + t1) // 2, (t1 - t0) // 2)
+        assert best is not None
+        return best
+
     def from_monotonic(self, mono_ns: int) -> int:
-        """Convert a host-monotonic time (``host_rx_ns``) to this timebase."""
+        """Convert a host-monotonic time (``host_rx_ns``) to this timebase. The offset is
+        re-measured at most every 50 ms, so a step of the realtime clock shows within that."""
         if self.kind == "monotonic":
             return mono_ns
-        return mono_ns + (self._now() - time.monotonic_ns())
+        now = time.monotonic_ns()
+        c = self._cache
+        if c is None or now - c[0] > _REFRESH_NS:
+            mono_minus_tb = self._measure(time.monotonic_ns)[0]
+            c = self._cache = (now, -mono_minus_tb)
+        return mono_ns + c[1]
+
+    def describe(self) -> dict[str, Any]:
+        """For the bundle metadata: the kind, the PTP device, and for ``tai`` the kernel's
+        TAI−UTC offset (0 means it was never set, so CLOCK_TAI reads UTC here)."""
+        d: dict[str, Any] = {"timebase": self.kind}
+        if self.ptp_device:
+            d["ptp_device"] = self.ptp_device
+        if self.kind == "tai":
+            off_s = round(self._measure(time.time_ns)[0] / -1e9)
+            d["tai_minus_utc_s"] = off_s
+            if off_s == 0:
+                d["note"] = ("kernel TAI offset not set (0 s): CLOCK_TAI equals UTC on this "
+                             "host; set it with chrony's leapsectz or ptp4l")
+        return d
+
+    def utc_mapping(self) -> dict[str, Any]:
+        """``UTC ≈ timebase + utc_minus_timebase_ns`` now, with a stated uncertainty (None
+        when the system clock's sync is unknown). Blocks up to ~1 s when ``chronyc`` is
+        installed but slow; call it from a housekeeping thread, not a reader thread."""
+        utc_minus_tb, read_ns = self._measure(time.time_ns)
+        sync = system_clock_sync()
+        unc = sync["error_bound_ns"]
+        return {
+            "timebase": self.kind, "timebase_ns": self.now_ns(),
+            "utc_minus_timebase_ns": 0 if self.kind == "realtime" else utc_minus_tb,
+            "uncertainty_ns": None if unc is None else unc + read_ns,
+            "sync": sync["sync"], "source": sync["source"], "details": sync["details"],
+        }
 
 
-@dataclass
-class StreamClock:
-    """Per-stream mapping state and quality, as reported in manifests."""
+# -- system clock sync state --------------------------------------------------------------
+def parse_chrony_tracking(csv_line: str) -> dict[str, Any] | None:
+    """Parse ``chronyc -c tracking`` (one CSV line) into a sync report, or None if it is
+    not that. Error bound per chrony's docs: |system time offset| + root dispersion +
+    root delay / 2."""
+    f = csv_line.strip().split(",")
+    if len(f) < 14:
+        return None
+    try:
+        offset, root_delay, root_disp = float(f[4]), float(f[10]), float(f[11])
+        stratum = int(f[2])
+    except ValueError:
+        return None
+    leap = f[13].strip()
+    synced = leap != "Not synchronised" and stratum > 0
+    bound = abs(offset) + root_disp + root_delay / 2
+    return {"sync": "synchronized" if synced else "unsynchronized", "source": "chrony",
+            "error_bound_ns": int(bound * 1e9) if synced else None,
+            "details": {"reference": f[1], "stratum": stratum, "system_offset_s": offset,
+                        "root_delay_s": root_delay, "root_dispersion_s": root_disp,
+                        "frequency_ppm": _float(f[7]), "leap_status": leap}}
 
-    source: str  # "device=timebase" | "arrival" | "estimator"
-    samples: int = 0
-    quality: dict[str, Any] = field(default_factory=dict)
+
+def _float(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+class _Timex(ctypes.Structure):
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long),
+                ("status", ctypes.c_int), ("constant", ctypes.c_long),
+                ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time_sec", ctypes.c_long), ("time_usec", ctypes.c_long),
+                ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
+                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long),
+                ("errcnt", ctypes.c_long), ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int),
+                ("_pad", ctypes.c_int * 11)]
+
+
+_STA_UNSYNC = 0x0040
+_TIME_ERROR = 5
+
+
+def kernel_clock_sync() -> dict[str, Any] | None:
+    """The kernel's own view (adjtimex, read-only): synchronised or not, and its maximum
+    error bound (maintained by whichever NTP/PTP daemon disciplines the clock)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        tx = _Timex()
+        rc = libc.adjtimex(ctypes.byref(tx))
+    except (OSError, AttributeError):
+        return None
+    if rc < 0:
+        return None
+    synced = not (tx.status & _STA_UNSYNC) and rc != _TIME_ERROR
+    return {"sync": "synchronized" if synced else "unsynchronized", "source": "adjtimex",
+            "error_bound_ns": tx.maxerror * 1000 if synced else None,
+            "details": {"maxerror_us": tx.maxerror, "esterror_us": tx.esterror,
+                        "status": tx.status, "tai_s": tx.tai, "clock_state": rc}}
+
+
+def system_clock_sync(timeout_s: float = 1.0) -> dict[str, Any]:
+    """How well the system clock (CLOCK_REALTIME) tracks UTC: chrony if it answers, else
+    the kernel's adjtimex view, else unknown. ``error_bound_ns`` is None whenever the
+    clock is not known to be synchronised -- an unsynchronised clock has no bound."""
+    exe = shutil.which("chronyc")
+    if exe:
+        try:
+            out = subprocess.run([exe, "-c", "tracking"], capture_output=True, text=True,
+                                 timeout=timeout_s)
+            if out.returncode == 0:
+                rep = parse_chrony_tracking(out.stdout.splitlines()[0] if out.stdout else "")
+                if rep is not None:
+                    return rep
+        except (OSError, subprocess.SubprocessError):
+            pass
+    rep = kernel_clock_sync()
+    if rep is not None:
+        return rep
+    return {"sync": "unknown", "source": "system", "error_bound_ns": None, "details": {}}
+
+
+# -- the clock stage -----------------------------------------------------------------------
+class ClockOptions(BaseModel):
+    """``[clock.options]`` of the rig file. ``latency_ms`` maps a stream name to its known
+    fixed one-way latency (an audio path's buffering, measured once; docs/clock.md),
+    subtracted from that stream's times."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_s: float = Field(default=60.0, gt=0, le=3600)
+    bucket_s: float = Field(default=1.0, gt=0, le=60)
+    jump_threshold_ms: float = Field(default=10.0, gt=0)
+    lock_uncertainty_ms: float = Field(default=1.0, gt=0)
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    quality_period_s: float = Field(default=1.0, ge=1.0)
+    utc_period_s: float = Field(default=10.0, ge=1.0)
+
+    def params(self, stream: str) -> EstimatorParams:
+        return EstimatorParams(
+            window_s=self.window_s, bucket_s=self.bucket_s,
+            rebuild_s=max(self.bucket_s, 4.0 * self.bucket_s),
+            jump_threshold_ns=int(self.jump_threshold_ms * 1e6),
+            lock_uncertainty_ns=int(self.lock_uncertainty_ms * 1e6),
+            latency_ns=self.latency_ns(stream))
+
+    def latency_ns(self, stream: str) -> int:
+        return int(round(self.latency_ms.get(stream, 0.0) * 1e6))
+
+
+def quality_topic(stream: str) -> str:
+    """``/camera/front`` → ``/clock/camera/front``."""
+    return "/clock/" + stream.lstrip("/")
+
+
+class _Stream:
+    """Per-stream mapping state. Written by the stream's reader thread only."""
+
+    __slots__ = ("name", "source", "est", "arrival", "samples", "no_device_time",
+                 "bad_device_time", "rate_num", "rate_den", "last_emit_ns", "emitted")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.source: str | None = None
+        self.est: ClockEstimator | None = None
+        self.arrival: ArrivalClock | None = None
+        self.samples = 0
+        self.no_device_time = 0    # samples of an estimator stream without a device time
+        self.bad_device_time = 0   # device times that are not integers
+        self.rate_num = 0          # audio: nominal sample rate as a fraction
+        self.rate_den = 1
+        self.last_emit_ns: int | None = None
+        self.emitted = 0
 
 
 class ClockStage:
     """Sets ``t_ns`` on every sample. One instance per pipeline; ``stamp`` is called from
-    several reader threads but each stream only ever from its own thread."""
+    several reader threads, each stream only ever from its own thread. ``quality``,
+    ``summary``, ``poll_quality`` may be called from any thread."""
 
-    def __init__(self, timebase: Timebase):
+    def __init__(self, timebase: Timebase,
+                 options: ClockOptions | Mapping[str, Any] | None = None):
         self.timebase = timebase
-        self.streams: dict[str, StreamClock] = {}
+        if options is None:
+            options = ClockOptions()
+        elif not isinstance(options, ClockOptions):
+            options = ClockOptions.model_validate(dict(options))
+        self.options = options
+        self._streams: dict[str, _Stream] = {}
+        self._configured: dict[str, StreamInfo] = {}
+        self._lock = threading.Lock()  # stream creation only; stamping takes no lock
+        self._utc_last_ns: int | None = None
 
-    def stamp(self, sample: Sample, device_clock_is_timebase: bool) -> None:
-        st = self.streams.get(sample.stream)
+    # -- set-up (before start) -----------------------------------------------------------
+    def configure_stream(self, info: StreamInfo) -> None:
+        """Declare a stream before capture (optional but recommended): it then has a
+        clock-quality topic, and audio streams (``kind`` AUDIO with ``params
+        ["sample_rate"]`` or ``rate_hz``) are mapped from their sample count, learning
+        from each block's end."""
+        self._configured[info.name] = info
+        st = self._get(info.name)
+        if info.kind == StreamKind.AUDIO:
+            rate = info.params.get("sample_rate", info.rate_hz)
+            if rate and float(rate) > 0:
+                fr = Fraction(float(rate)).limit_denominator(1_000_000)
+                st.rate_num, st.rate_den = fr.numerator, fr.denominator
+
+    def reset_stream(self, stream: str, keep_skew: bool = False) -> None:
+        """A driver that knows its device clock changed (switched to PTP, rebooted) says
+        so here; see :meth:`ClockEstimator.reset`. Reader thread of that stream."""
+        st = self._streams.get(stream)
+        if st is not None and st.est is not None:
+            st.est.reset(keep_skew)
+
+    def _get(self, name: str) -> _Stream:
+        st = self._streams.get(name)
         if st is None:
-            src = "device=timebase" if device_clock_is_timebase else "arrival"
-            st = self.streams[sample.stream] = StreamClock(source=src)
-        if device_clock_is_timebase and sample.device_t_ns is not None:
-            sample.t_ns = sample.device_t_ns
-        else:
-            sample.t_ns = self.timebase.from_monotonic(sample.host_rx_ns)
+            with self._lock:
+                st = self._streams.get(name)
+                if st is None:
+                    st = self._streams[name] = _Stream(name)
+        return st
+
+    # -- hot path ------------------------------------------------------------------------
+    def stamp(self, sample: Sample, device_clock_is_timebase: bool) -> None:
+        """Set ``sample.t_ns``. Reader thread of ``sample.stream``; never blocks."""
+        st = self._streams.get(sample.stream) or self._get(sample.stream)
         st.samples += 1
+        dev = sample.device_t_ns
+        if dev is not None and not (isinstance(dev, (int, np.integer))
+                                    and not isinstance(dev, bool)):
+            st.bad_device_time += 1
+            dev = None
+        if device_clock_is_timebase and dev is not None:
+            if st.source is None:
+                st.source = "device=timebase"
+            sample.t_ns = int(dev)
+            return
+        rx = self.timebase.from_monotonic(sample.host_rx_ns)
+        est = st.est
+        if dev is not None:
+            if est is None:
+                est = st.est = ClockEstimator(self.options.params(sample.stream))
+                st.source = "sample-count" if st.rate_num else "estimator"
+            dev = int(dev)
+            span = self._span_ns(st, sample)
+            if span:
+                est.update(dev + span, rx)  # data can only arrive after its last part
+                sample.t_ns = est.map(dev)
+            else:
+                sample.t_ns = est.update(dev, rx)
+            return
+        if est is not None:  # an estimator stream without a device time this once
+            st.no_device_time += 1
+            sample.t_ns = rx - est.latency_ns
+            return
+        arr = st.arrival
+        if arr is None:
+            arr = st.arrival = ArrivalClock(self.options.latency_ns(sample.stream))
+            st.source = "arrival"
+        sample.t_ns = arr.update(rx)
+
+    @staticmethod
+    def _span_ns(st: _Stream, sample: Sample) -> int:
+        """Device-time length of the sample's data: ``meta["device_span_ns"]`` if the driver
+        says, else for audio ``frames / sample_rate``."""
+        span = sample.meta.get("device_span_ns") if sample.meta else None
+        if isinstance(span, int) and span > 0:
+            return span
+        if st.rate_num:
+            p = sample.payload
+            frames = p.shape[0] if isinstance(p, np.ndarray) and p.ndim else 0
+            return frames * 1_000_000_000 * st.rate_den // st.rate_num
+        return 0
+
+    # -- reporting -----------------------------------------------------------------------
+    def quality(self, stream: str) -> dict[str, Any]:
+        """The stream's clock quality now (empty dict for an unknown stream). Any thread."""
+        st = self._streams.get(stream)
+        if st is None:
+            return {}
+        if st.est is not None:
+            q = st.est.quality()
+            if st.rate_num:
+                s = st.est.skew_ppm * 1e-6
+                q["drift_ppm"] = round((1.0 / (1.0 + s) - 1.0) * 1e6, 4)
+                q["nominal_rate_hz"] = st.rate_num / st.rate_den
+            q["source"] = st.source
+        elif st.arrival is not None:
+            q = st.arrival.quality()
+        elif st.source == "device=timebase":
+            q = {"source": "device=timebase", "state": "device=timebase", "offset_ns": 0,
+                 "skew_ppm": 0.0, "jitter_ns": None, "uncertainty_ns": 0, "jumps": 0}
+        else:
+            q = {"source": None, "state": LockState.UNLOCKED.value}
+        q["samples"] = st.samples
+        if st.no_device_time:
+            q["no_device_time"] = st.no_device_time
+        if st.bad_device_time:
+            q["bad_device_time"] = st.bad_device_time
+        return q
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        return {k: {"source": v.source, "samples": v.samples, **v.quality}
-                for k, v in self.streams.items()}
+        """Per stream quality, for manifests (``manifest["clock"]``) and health. Any thread."""
+        return {name: self.quality(name) for name in list(self._streams)}
+
+    def quality_stream_infos(self) -> list[StreamInfo]:
+        """The clock-quality streams to declare to the recorder (one per configured stream,
+        plus ``/clock/utc``). Call after :meth:`configure_stream` for every stream."""
+        rate = 1.0 / self.options.quality_period_s
+        infos = [StreamInfo(quality_topic(name), StreamKind.CLOCK, "json", rate_hz=rate,
+                            params={"schema": QUALITY_SCHEMA, "stream": name,
+                                    "json_schema": CLOCK_QUALITY_JSON_SCHEMA})
+                 for name in self._configured]
+        infos.append(StreamInfo(UTC_TOPIC, StreamKind.CLOCK, "json",
+                                rate_hz=1.0 / self.options.utc_period_s,
+                                params={"schema": UTC_SCHEMA,
+                                        "json_schema": UTC_JSON_SCHEMA}))
+        return infos
+
+    def poll_quality(self, now_ns: int, include_utc: bool = True) -> list[Sample]:
+        """Clock-quality samples due at ``now_ns`` (timebase): per stream at most one per
+        ``quality_period_s``, and the timebase↔UTC mapping every ``utc_period_s``. Call
+        periodically from one housekeeping thread; blocks up to ~1 s when the UTC mapping
+        asks a slow ``chronyc``. Streams seen but not configured are reported too."""
+        out: list[Sample] = []
+        period = int(self.options.quality_period_s * 1e9)
+        mono = time.monotonic_ns()
+        for name in list(self._streams):
+            st = self._streams[name]
+            if st.samples == 0:
+                continue
+            if st.last_emit_ns is not None and now_ns - st.last_emit_ns < period:
+                continue
+            st.last_emit_ns = now_ns
+            payload = {"stream": name, **self.quality(name)}
+            out.append(Sample(quality_topic(name), payload, host_rx_ns=mono, seq=st.emitted,
+                              t_ns=now_ns))
+            st.emitted += 1
+        utc_period = int(self.options.utc_period_s * 1e9)
+        if include_utc and (self._utc_last_ns is None
+                            or now_ns - self._utc_last_ns >= utc_period):
+            self._utc_last_ns = now_ns
+            out.append(Sample(UTC_TOPIC, self.timebase.utc_mapping(), host_rx_ns=mono,
+                              t_ns=now_ns))
+        return out

@@ -17,15 +17,22 @@ memory is a fixed number of buckets whatever the sample rate.
 
 Beyond the fit:
 
-- **Jumps.** A sample whose residual is beyond ``jump_threshold_ns`` either way is
-  *suspect* and not used. ``jump_confirm`` consecutive suspects that agree with each other
-  (spread below the threshold) and span ``jump_confirm_s`` of device time mean the device
-  clock stepped (reboot, a LiDAR switching to PTP): the estimator restarts from them, keeps
-  the old skew as a prior (dropped if the new data disagrees) and is LOCKED again once
-  ``lock_min_samples`` samples span ``lock_span_s`` -- about 1.3 s of data at 10 Hz.
-- **Steps and skew changes** below the jump threshold show as the floor of the recent
-  buckets leaving the floor of the older ones (at the current skew); the window is then cut
-  to its recent part and ``steps`` counts it.
+- **Jumps.** A sample whose residual is beyond the jump threshold (``jump_threshold_ns``
+  or 6× the measured mean delay, whichever is larger) either way is *suspect* and not
+  used. ``jump_confirm`` consecutive suspects spanning ``jump_confirm_s`` of device time
+  whose floor is flat (a queue draining after a stall is not) mean the device clock
+  stepped (reboot, a LiDAR switching to PTP): the estimator restarts from them with the old
+  skew as a prior (precision-weighted against the new data, dropped if they disagree) and
+  is LOCKED again once ``lock_min_samples`` samples span ``lock_span_s`` -- about 1.1 s
+  after the jump at 10 Hz. A "jump" back that was a burst of late samples is undone when
+  the old line fits again within 5 s (``false_jumps``). Drivers that *know* the clock
+  changed call :meth:`ClockEstimator.reset`.
+- **Skew** is the hull edge's slope, precision-weighted with a prior: nominal ±200 ppm at
+  first, later the skew from before a jump or cut, its error growing with age.
+- **Steps and skew changes** below the jump threshold show as the floor of the newer
+  buckets leaving the floor of the older ones (at the current skew); the window is then
+  cut to its newer part and ``steps`` counts it (a second cut soon after says the skew,
+  not the offset, changed: the skew is then re-measured).
 - **Uncertainty** is model-based: the expected envelope error for exponential delays of
   the measured scale and the number of samples in the window, plus the skew error times
   the distance from the window's centroid. The tests check that it covers the real error.
@@ -64,6 +71,15 @@ _JUMP_PRIOR_MIN = 3e-6
 _SKEW_WANDER = 0.05e-6
 #: floor of the delay-scale estimate (ns): below this the envelope is exact anyway
 _MIN_DELAY_SCALE = 1_000.0
+#: device time after a jump during which it may still be undone
+_UNDO_NS = 5_000_000_000
+#: everything that describes the current segment (restored when a jump is undone)
+_SEGMENT_STATE = (
+    "_line", "_fit_a", "_sigma", "_buckets", "_cur", "_hull", "_hxa", "_hya", "_sum_n",
+    "_sum_nx", "_closes", "_xbar", "_n_window", "_span_ns", "_seg_samples",
+    "_seg_first_dev", "_dev0", "_off0", "_recent", "_prior_s", "_prior_sigma",
+    "_prior_dev", "_last_trim_dev", "state", "uncertainty_ns", "_early_mode",
+    "_delay_scale", "_thr")
 
 
 class LockState(str, enum.Enum):
@@ -84,7 +100,7 @@ class EstimatorParams:
     window_s: float = 60.0          #: span of data the envelope is fitted over
     bucket_s: float = 1.0           #: one envelope candidate (the lowest point) per bucket
     rebuild_s: float = 4.0          #: full hull rebuild / window trim / step check period
-    jump_threshold_ns: int = 10_000_000   #: a residual beyond this either way is suspect
+    jump_threshold_ns: int = 10_000_000   #: suspect beyond this (or 6× the mean delay)
     jump_confirm: int = 3           #: consecutive agreeing suspects that make a jump ...
     jump_confirm_s: float = 0.2     #: ... spanning at least this much device time
     lock_min_samples: int = 10
@@ -135,6 +151,7 @@ class ClockEstimator:
         self.out_of_order = 0    # device time before the current bucket (not used)
         self.restarts = 0        # early restarts: the first samples were late
         self.resets = 0          # reset() calls (announced clock changes)
+        self.false_jumps = 0     # jumps undone: late bursts that looked like a step back
         self.jumps = 0
         self.steps = 0
         self.last_jump: dict[str, int] | None = None
@@ -160,6 +177,7 @@ class ClockEstimator:
         self._xbar = 0.0
         self._fit_a = 0.0
         self._early_mode = True
+        self._undo: tuple[dict[str, Any], int] | None = None
         self._started = False
 
     # -- hot path -----------------------------------------------------------------------
@@ -179,6 +197,8 @@ class ClockEstimator:
         key = (off - ya) - s * x  # detrended offset
         r = key - a               # residual above the line
         if (r > self._thr or r < -self._thr) and self._suspicious(r, x):
+            if r < 0.0 and self._undo is not None and self._undo_fits(dev, rx):
+                return self.update(dev, rx)  # the "jump" was a burst of late samples
             if r < 0.0 and self._seg_samples < self.params.lock_min_samples:
                 self.restarts += 1  # the few samples so far were late, not these
                 self._new_segment(dev, rx)
@@ -221,6 +241,7 @@ class ClockEstimator:
             self._set_prior(self._line[3], trust=keep_skew)
         self._started = False
         self._suspect.clear()
+        self._undo = None
         self.resets += 1
 
     # -- segments, buckets, suspects ----------------------------------------------------
@@ -229,6 +250,26 @@ class ClockEstimator:
         (matters for slow streams while the skew is still unknown)."""
         slack = 3.0 * self._sigma * abs(x - self._xbar)
         return abs(r) > self._thr + slack
+
+    def _undo_fits(self, dev: int, rx: int) -> bool:
+        """Within ``_UNDO_NS`` of device time after a jump, a sample far *below* the new
+        line but on the old one means the jump was false: restore the old segment."""
+        state, until = self._undo  # type: ignore[misc]
+        if dev > until:
+            self._undo = None
+            return False
+        xa, ya, a, s = state["_line"]
+        r = (rx - dev - ya) - a - s * (dev - xa)
+        size = abs(self.last_jump["size_ns"]) if self.last_jump else 0
+        if abs(r) > min(self._thr, size / 2):
+            return False
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._undo = None
+        self._suspect.clear()
+        self.jumps -= 1
+        self.false_jumps += 1
+        return True
 
     def _set_prior(self, s: float, trust: bool = True) -> None:
         """Carry the current skew over a jump or a step as the prior of what follows:
@@ -266,7 +307,7 @@ class ClockEstimator:
         self._seg_samples = 0
         self._seg_first_dev = dev
         self._dev0, self._off0 = dev, rx - dev
-        self._recent.clear()
+        self._recent = deque(maxlen=self.params.residual_ring)
         self._started = True
         self.state = LockState.ACQUIRING
         self._accept(dev, rx - dev)
@@ -347,6 +388,9 @@ class ClockEstimator:
         sus.clear()
         self.jumps += 1
         self.last_jump = {"device_t_ns": pts[0][0], "rx_ns": pts[0][1], "size_ns": round(lo)}
+        # keep the old segment for a while: a burst of late samples can pass for a jump
+        # backwards, and is undone when the old line fits again (see update)
+        self._undo = ({k: getattr(self, k) for k in _SEGMENT_STATE}, dev + _UNDO_NS)
         self._new_segment(pts[0][0], pts[0][1])
         for d, t, _ in pts[1:]:
             xa, ya, a, s = self._line
@@ -366,10 +410,14 @@ class ClockEstimator:
             bs.popleft()
         if not include_current:
             self._check_step()
-        if len(self._recent) >= 8:  # delay scale: median residual of recent samples
+        # the delay scale: median residual of the recent samples (a path property, so it
+        # survives a jump; re-measured once there are enough samples again)
+        if len(self._recent) >= (8 if self.jitter_ns is None else 32):
             xa, ya, a, s = self._line
             rs = sorted((o - ya) - a - s * (d - xa) for d, o in self._recent)
             self._delay_scale = max(rs[len(rs) // 2] / _LN2, _MIN_DELAY_SCALE)
+            # exponential delays pass 6× their mean once in 400 samples: not a jump
+            self._thr = max(float(self.params.jump_threshold_ns), 6.0 * self._delay_scale)
         pts = list(bs)
         if include_current and self._cur is not None:
             pts.append(self._cur)
@@ -421,7 +469,8 @@ class ClockEstimator:
         if len(self._buckets) >= 3 and len(hull) >= 2 and span > 0:
             s_lp = _envelope_lp(hull, xbar)[0]
             sig_lp = 8.0 * mu / (n * span)
-            if self._prior_known and abs(s_lp - s0) > 6.0 * math.hypot(sig_lp, sp):
+            if (self._prior_known and len(self._buckets) >= 6
+                    and abs(s_lp - s0) > 8.0 * math.hypot(sig_lp, sp)):
                 self._prior_sigma = sp = _SKEW_SPREAD  # the skew changed: measure afresh
             # precision-weighted with the prior (the old skew, or nominal ±200 ppm)
             w_lp, w0 = 1.0 / (sig_lp * sig_lp), 1.0 / (sp * sp)
@@ -458,7 +507,8 @@ class ClockEstimator:
         older ones at the current skew: a step below the jump threshold, or a skew change
         faster than the window follows. A floor that drops is cut at the newest such split,
         one that rises at the oldest; either must beat the floor noise of the side that
-        could be high by chance, ``10·delay/n`` (n its samples)."""
+        could be high by chance (``10..15·delay/n``, n its samples) and the line's own
+        uncertainty. A rise must show in three buckets."""
         bs = self._buckets
         m = len(bs)
         if m < 8:  # too little to judge (this also spaces cuts at least 8 buckets apart)
@@ -473,7 +523,8 @@ class ClockEstimator:
             pre_n[i] += pre_n[i - 1]
         mu = self._delay_scale
         step_min = float(self.params.step_min_ns)
-        tol_neg = max(4.0 * (self.uncertainty_ns or 0), step_min)
+        u = float(self.uncertainty_ns or 0)
+        tol_neg = max(4.0 * u, step_min)
         suf = math.inf
         n_suf = 0
         cut_neg = cut_pos = 0
@@ -484,8 +535,8 @@ class ClockEstimator:
             d = suf - pre[i - 1]
             if d < -max(tol_neg, 10.0 * mu / pre_n[i - 1]) and not cut_neg:
                 cut_neg = i
-            elif d > max(10.0 * mu / n_suf, step_min):
-                cut_pos = i
+            elif d > max(15.0 * mu / n_suf, step_min) + 2.0 * u and i <= m - 3:
+                cut_pos = i  # a rise needs three buckets: slow buckets are not a step
         cut = cut_neg or cut_pos
         if cut:
             self.steps += 1
@@ -519,7 +570,7 @@ class ClockEstimator:
             "latency_ns": self.latency_ns, "jumps": self.jumps, "steps": self.steps,
             "samples": self.samples, "suspects": self.suspects,
             "out_of_order": self.out_of_order, "restarts": self.restarts,
-            "resets": self.resets,
+            "resets": self.resets, "false_jumps": self.false_jumps,
             "window_samples": self._n_window, "last_jump": self.last_jump,
         }
 
