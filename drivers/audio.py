@@ -130,6 +130,64 @@ def _import_sounddevice() -> Any:
     return sd
 
 
+def _set_env(env: dict[str, str]) -> dict[str, str | None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return saved
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _rescan_portaudio(sd: Any, env: dict[str, str]) -> bool:
+    """Re-initialise PortAudio (with ``env`` set) so that it lists devices again; only
+    while no stream of this driver is open in the process (it would close them all)."""
+    with _ENV_LOCK:
+        if _OPEN_STREAMS > 0:
+            return False
+        saved = _set_env(env)
+        try:
+            sd._terminate()
+            sd._initialize()
+        finally:
+            _restore_env(saved)
+    return True
+
+
+def list_devices(pulse_server: str | None = None) -> list[dict[str, Any]]:
+    """Audio inputs for ``edgecap devices``: PortAudio's input devices (``uri`` = index) and,
+    when ``pactl`` reaches a PulseAudio server, its sources (``uri`` = ``pulse:NAME``).
+    Blocks briefly; raises DriverError only when PortAudio itself is missing."""
+    sd = _import_sounddevice()
+    if pulse_server and not any(d["name"] == "pulse" for d in sd.query_devices()):
+        _rescan_portaudio(sd, {"PULSE_SERVER": pulse_server})
+    out: list[dict[str, Any]] = []
+    apis = sd.query_hostapis()
+    for i, d in enumerate(sd.query_devices()):
+        if d["max_input_channels"] > 0:
+            out.append({"uri": str(i), "name": d["name"], "api": apis[d["hostapi"]]["name"],
+                        "channels": d["max_input_channels"],
+                        "default_rate": d["default_samplerate"]})
+    if shutil.which("pactl"):
+        env = {**os.environ, **({"PULSE_SERVER": pulse_server} if pulse_server else {})}
+        try:
+            r = subprocess.run(["pactl", "list", "short", "sources"], capture_output=True,
+                               text=True, timeout=5, env=env)
+        except (OSError, subprocess.TimeoutExpired):
+            r = None
+        for ln in (r.stdout.splitlines() if r is not None and r.returncode == 0 else []):
+            f = ln.split("\t")
+            if len(f) >= 4:
+                out.append({"uri": f"pulse:{f[1]}", "name": f[1], "api": "PulseAudio",
+                            "spec": f[3], "monitor": f[1].endswith(".monitor")})
+    return out
+
+
 @register("audio.sounddevice")
 class SoundDeviceMic(Driver):
     """A microphone through PortAudio; see the module docstring for URI, clocks and losses.
@@ -237,32 +295,7 @@ class SoundDeviceMic(Driver):
                           f"{err}; input devices: {devs}")
 
     def _rescan(self) -> bool:
-        """Re-initialise PortAudio so that it lists devices again; only while no stream of
-        this driver is open in the process (it would close them all)."""
-        with _ENV_LOCK:
-            if _OPEN_STREAMS > 0:
-                return False
-            saved = self._set_env(self._pulse_env())
-            try:
-                self._sd._terminate()
-                self._sd._initialize()
-            finally:
-                self._restore_env(saved)
-        return True
-
-    @staticmethod
-    def _set_env(env: dict[str, str]) -> dict[str, str | None]:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        return saved
-
-    @staticmethod
-    def _restore_env(saved: dict[str, str | None]) -> None:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        return _rescan_portaudio(self._sd, self._pulse_env())
 
     # -- stream -----------------------------------------------------------------------
     def _open_stream(self) -> None:
@@ -272,7 +305,7 @@ class SoundDeviceMic(Driver):
             self._gen += 1
             gen = self._gen
         with _ENV_LOCK:
-            saved = self._set_env(self._pulse_env())
+            saved = _set_env(self._pulse_env())
             try:
                 stream = sd.InputStream(
                     device=self._device, samplerate=o.sample_rate, channels=o.channels,
@@ -285,7 +318,7 @@ class SoundDeviceMic(Driver):
                     stream.close(ignore_errors=True)
                     raise
             finally:
-                self._restore_env(saved)
+                _restore_env(saved)
             _OPEN_STREAMS += 1
         self._stream = stream
         self._opened_ns = time.monotonic_ns()
@@ -371,6 +404,9 @@ class SoundDeviceMic(Driver):
                 self.counters.inc("errors")
                 delay = min(delay * 2, self.o.reconnect_max_ms / 1000)
                 continue
+            if self.stopping:  # close() ran meanwhile: do not leave this stream open
+                self._close_stream()
+                return
             self.counters.inc("reconnects")
             self._pending_reconnect = True
             return

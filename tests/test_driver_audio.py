@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import DriverError
 from drivers import registry
-from drivers.audio import SoundDeviceMic, SoundDeviceMicOptions, _Block, parse_uri
+from drivers.audio import SoundDeviceMic, SoundDeviceMicOptions, _Block, list_devices, parse_uri
 from hil.pulse import PulseError, PulseServer, pulse_unavailable
 from hil.scenario import Fault, Scenario
 from hil.truth import read_truth
@@ -164,6 +164,13 @@ def test_missing_source_and_missing_server_are_clear_errors(pa):
                          SoundDeviceMicOptions(pulse_server="unix:/nonexistent/native"))
     with pytest.raises(DriverError, match="no PulseAudio server answers"):
         drv.open()
+
+
+def test_lists_portaudio_inputs_and_pulse_sources(pa):
+    devs = list_devices(pa.server)
+    uris = {d["uri"] for d in devs}
+    assert f"pulse:{pa.source}" in uris and f"pulse:{pa.monitor}" in uris
+    assert any(d["api"] == "ALSA" for d in devs)  # PortAudio's side (pulse/default)
 
 
 def test_records_the_emulator_with_consistent_counts_and_clapper_timing(pa, tmp_path):

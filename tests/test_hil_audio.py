@@ -231,6 +231,28 @@ def test_emulator_content_is_deterministic_and_drift_is_a_resampling_ratio(tmp_p
     assert ev and ev[0]["kind"] == "clapper" and ev[0]["index_start"] == i_click
 
 
+def test_emulator_dropout_and_clip_faults_shape_the_samples(tmp_path):
+    from hil.emulators.audio import AudioEmulator
+
+    sc = _scenario(devices={"audio": {"rate_hz": RATE, "faults": [
+        Fault(kind="dropout", t_s=1.0, duration_s=1.0, rate=0.5),
+        Fault(kind="clip", t_s=3.0, duration_s=0.5)]}})
+    emu = AudioEmulator(World(sc), sc.devices.audio, tmp_path, 0)
+    n = emu.chunk
+    chunks = {k: emu._apply_faults(emu.compose(k * n, n), k * n, k) for k in range(400)}
+    emu.stop()
+    zeroed = [k for k, x in chunks.items() if not x.any()]
+    assert all(100 <= k < 200 for k in zeroed) and 30 < len(zeroed) < 70  # ~half of 1 s
+    assert emu.sent["dropout_samples"] == len(zeroed) * n
+    clip = np.concatenate([chunks[k] for k in range(300, 350)])
+    assert np.count_nonzero(np.abs(clip) >= 1.0) > 0.3 * len(clip)  # flat tops
+    assert np.abs(np.concatenate([chunks[k] for k in range(250, 300)])).max() < 0.05
+    again = AudioEmulator(World(sc), sc.devices.audio, tmp_path / "b", 0)
+    assert np.array_equal(again._apply_faults(again.compose(150 * n, n), 150 * n, 150),
+                          chunks[150])
+    again.stop()
+
+
 def test_emulator_plays_events_on_schedule_with_truth(pa, recorder, tmp_path):
     from hil.emulators.audio import AudioEmulator
 
@@ -297,7 +319,8 @@ def test_emulator_disconnect_fault_unplugs_the_mic(pa, tmp_path):
     t0 = time.monotonic_ns()
     emu = AudioEmulator(World(sc), sc.devices.audio, tmp_path, t0, pulse=pa)
     emu.start()
-    rec = subprocess.Popen(["parec", "--raw", f"--device={pa.source}"], env={**os.environ, **pa.env},
+    rec = subprocess.Popen(["parec", "--raw", f"--device={pa.source}"],
+                           env={**os.environ, **pa.env},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         seen = []

@@ -43,14 +43,14 @@ play-out timing is undisturbed). Other kinds are recorded as unsupported and ign
 
 Truth (``truth/audio.jsonl``): ``{"type": "stream", rate, channels, sink, source,
 first_index, lead_ms, model}``; ``{"type": "anchor", "index", "content_true_ns",
-"sched_mono_ns", "written_mono_ns"}`` at the first chunk and every ``anchor_every_s``;
+"sched_mono_ns", "written_mono_ns", "played"}`` at the first chunk and every ``anchor_every_s``;
 ``{"type": "event", "kind", "text"?, "true_start_ns", "true_end_ns", "index_start",
 "index_end"}`` when an event starts being emitted (kinds ``horn``/``click``/``siren``/
 ``speech``/``clapper``); ``{"type": "fault", "kind", "phase": "begin"|"end", "true_ns",
 "index"}`` (a disconnect adds ``"phase": "unplugged"`` with ``mono_ns`` and
-``streams_killed``, and ``"phase": "plugged"`` with ``mono_ns``); ``{"type": "player_restart", "index", "cause"}`` when
-``pacat`` had to be started again (e.g. after a sound-server restart; play-out timing
-re-anchors then). With ``save_wav`` (default) what was played is also written to
+``streams_killed``, and ``"phase": "plugged"`` with ``mono_ns``);
+``{"type": "player_restart", "index", "cause"}`` when ``pacat`` had to be started again
+(e.g. after a sound-server restart; play-out restarts on time). With ``save_wav`` (default) what was played is also written to
 ``run_dir/audio/emitted.wav`` (WAV sample 0 = emitted index ``first_index``; zeros for
 chunks that were not played, counted ``unplayed_samples``).
 
