@@ -16,6 +16,9 @@ in each driver's reader thread, before the sample is queued, never blocks and co
   :meth:`ClockStage.configure_stream`, whose skew is the ADC's rate error);
 - otherwise arrival time minus the configured latency, source ``arrival``.
 
+A sample with ``meta["discontinuity"]`` (the driver reopened the device and its clock
+restarted) resets that stream's estimator, keeping the skew (same oscillator).
+
 ``quality(stream)``/``summary()`` report offset, skew, jitter, lock state, jumps and the
 stated uncertainty (summary goes into every manifest as ``manifest["clock"]``);
 ``poll_quality(now_ns)`` yields the per-stream clock-quality samples (topic
@@ -317,7 +320,7 @@ class ClockOptions(BaseModel):
     def params(self, stream: str) -> EstimatorParams:
         return EstimatorParams(
             window_s=self.window_s, bucket_s=self.bucket_s,
-            rebuild_s=max(self.bucket_s, 4.0 * self.bucket_s),
+            rebuild_s=8.0 * self.bucket_s,
             jump_threshold_ns=int(self.jump_threshold_ms * 1e6),
             lock_uncertainty_ns=int(self.lock_uncertainty_ms * 1e6),
             latency_ns=self.latency_ns(stream))
@@ -420,6 +423,8 @@ class ClockStage:
             if est is None:
                 est = st.est = ClockEstimator(self.options.params(sample.stream))
                 st.source = "sample-count" if st.rate_num else "estimator"
+            elif sample.meta and sample.meta.get("discontinuity"):
+                est.reset(keep_skew=True)  # the driver says its clock restarted (reconnect)
             dev = int(dev)
             span = self._span_ns(st, sample)
             if span:

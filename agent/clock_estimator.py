@@ -99,7 +99,7 @@ class EstimatorParams:
 
     window_s: float = 60.0          #: span of data the envelope is fitted over
     bucket_s: float = 1.0           #: one envelope candidate (the lowest point) per bucket
-    rebuild_s: float = 4.0          #: full hull rebuild / window trim / step check period
+    rebuild_s: float = 8.0          #: full hull rebuild / window trim / step check period
     jump_threshold_ns: int = 10_000_000   #: suspect beyond this (or 6× the mean delay)
     jump_confirm: int = 3           #: consecutive agreeing suspects that make a jump ...
     jump_confirm_s: float = 0.2     #: ... spanning at least this much device time

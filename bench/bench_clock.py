@@ -13,8 +13,8 @@ Figures:
   pair's time difference and how often the wrong frame is picked, estimator stamps vs
   arrival stamps (what ApproximateTime does when headers carry arrival times);
 - re-lock time after the LiDAR's jump (goal ≤ 2 s);
-- cost of ``ClockStage.stamp`` per sample, as a share of one core at the Ouster packet
-  rate (1,280 packets/s), measured in the same run.
+- cost of ``ClockStage.stamp`` per sample, against the cost of constructing the Sample
+  itself in the same run (these machines are shared and noisy).
 """
 
 from __future__ import annotations
@@ -151,10 +151,16 @@ def run(quick: bool = False) -> list[Result]:
         for s in rest:
             stage.stamp(s, False)
         best = min(best, (time.perf_counter() - t0) / len(rest))
-    period_s = 1.0 / 1280.0
+    # the same machine's speed right now: making the Sample itself (work any pipeline does)
+    t0 = time.perf_counter()
+    for r, name, d in merged:
+        Sample(name, b"", r, d)
+    make_s = (time.perf_counter() - t0) / len(merged)
+    rate = sum(len(v[0]) for v in data.values()) / dur
     results.append(Result("ClockStage.stamp cost", best * 1e6, "µs/sample",
-                          reference="Ouster packet period 781 µs",
-                          ratio=best / period_s, goal=0.01, higher_is_better=False,
-                          ratio_desc="of one core at 1,280/s",
-                          extra={"samples": len(rest)}))
+                          reference=f"Sample() construction {make_s * 1e6:.2f} µs",
+                          ratio=best / make_s, ratio_desc="a Sample()",
+                          extra={"samples": len(rest), "rig_samples_per_s": rate,
+                                 "core_share_at_rig_rate": best * rate,
+                                 "core_share_at_1280_per_s": best * 1280}))
     return results

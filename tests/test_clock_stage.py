@@ -161,6 +161,19 @@ def test_reset_stream_restarts_its_estimator():
     assert stage.quality("/lidar")["resets"] == 1
 
 
+def test_driver_discontinuity_resets_and_relocks_at_once():
+    # an audio device reopened: its sample count (device clock) starts again from 0
+    stage = ClockStage(Timebase())
+    feed(stage, "/mic", 600, 50.0, ppm=30.0, offset_ns=-MONO0, seed=6)
+    t_reopen = MONO0 + 20 * 10**9
+    s = Sample("/mic", b"", t_reopen + 1_000_000, device_t_ns=0,
+               meta={"discontinuity": True, "epoch": 1})
+    stage.stamp(s, False)
+    assert abs(s.t_ns - t_reopen) <= 1_000_000
+    q = stage.quality("/mic")
+    assert q["resets"] == 1 and q["jumps"] == 0
+
+
 def test_concurrent_streams_and_readers():
     stage = ClockStage(Timebase())
     errors: list[BaseException] = []
