@@ -170,8 +170,9 @@ class World:
                 p = self.pose(tc)
                 cx = p.x + 6 * math.cos(p.yaw)
                 cy = p.y + 6 * math.sin(p.yaw)
+                # thin along the line of sight (length 0.2 m), 1.5 m wide across it
                 out.append(ObjectState(f"clapper-{k}", "sign", (cx, cy, 1.0), (0.2, 1.5, 2.0),
-                                       p.yaw + math.pi / 2))
+                                       p.yaw))
         return out
 
     @staticmethod
