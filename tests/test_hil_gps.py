@@ -180,6 +180,21 @@ def test_disconnect_closes_the_pty_and_a_new_one_appears(tmp_path):
     assert any(r["type"] == "reconnect" for r in t)
 
 
+def test_a_burst_longer_than_the_epoch_is_dropped_as_overrun(tmp_path):
+    emu = make_emu(tmp_path, duration_s=1.0, rate_hz=5, baud=9600, start_in_s=0.0)
+    assert emu.burst_ns > emu.period_ns
+    with emu:
+        path, baud = parse_serial_uri(emu.uri, 9600)
+        with serial.Serial(path, baud, timeout=0.05) as ser:
+            data = b"".join(b for _, b in read_for(ser, 1.3))
+    t = truth(emu)
+    assert any(r["type"] == "warning" and r["kind"] == "burst_exceeds_period" for r in t)
+    over = [r for r in t if r["type"] == "fault" and r["kind"] == "overrun"]
+    assert over and emu.sent["overrun"] == len(over)
+    assert emu.sent["epochs"] + len(over) == 5
+    assert data.count(b"$GPGGA") == emu.sent["epochs"]
+
+
 def test_rate_and_options_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="rate_hz"):
         make_emu(tmp_path / "a", 1.0, rate_hz=3)

@@ -38,6 +38,7 @@ record (kind dropout/stall/disconnect/overrun), and at stop one ``pps`` record p
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import termios
@@ -59,6 +60,8 @@ from drivers.pps import EmulatedPps, EmulatedPpsSpec
 from ..scenario import DeviceSettings
 from ..world import World
 from .base import Emulator
+
+log = logging.getLogger("edgecap.hil.gps")
 
 NS = 1_000_000_000
 KNOT_MPS = 1852.0 / 3600.0
@@ -126,6 +129,15 @@ class GpsEmulator(Emulator):
                           "host_realtime_at_t0_ns": self.host_realtime_at_t0_ns,
                           "period_ns": self.period_ns, "baud": self.opts.baud,
                           "sentences": list(self.opts.sentences), "pps_uri": self.pps_uri})
+        burst = sum(map(len, self.sentences(self.utc_ns(run_t0_ns), self.state(0.0))))
+        self.burst_ns = burst * self.char_ns
+        if self.burst_ns > self.period_ns:
+            msg = (f"a burst of {burst} bytes takes {self.burst_ns / 1e6:.0f} ms at "
+                   f"{self.opts.baud} baud, longer than the {self.period_ns / 1e6:.0f} ms "
+                   f"epoch: epochs will be skipped (overrun); raise the baud or send fewer "
+                   f"sentences")
+            log.warning("gps emulator: %s", msg)
+            self.truth.write({"type": "warning", "kind": "burst_exceeds_period", "msg": msg})
         self.done = threading.Event()
         self._thread: threading.Thread | None = None
         self._master = self._slave = -1
@@ -421,3 +433,46 @@ class GpsEmulator(Emulator):
                 pass
         except (BlockingIOError, OSError):
             pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the emulator alone (for ``cat``, ``gpsd -N``, ``cgps`` or the driver): prints
+    the serial URI and the PPS URI on the first two lines of stdout, then sends until the
+    duration ends (or SIGTERM / Ctrl-C)."""
+    import argparse
+    import signal
+    import tempfile
+
+    from ..scenario import load_scenario
+
+    ap = argparse.ArgumentParser(prog="python -m hil.emulators.gps")
+    ap.add_argument("--scenario", default="city-drive")
+    ap.add_argument("--rate", type=float, help="epochs per second (1, 2, 4, 5, 10)")
+    ap.add_argument("--baud", type=int)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--run-dir")
+    a = ap.parse_args(argv)
+    sc = load_scenario(a.scenario, duration_s=a.duration)
+    s = sc.devices.gps
+    opts = dict(s.options)
+    if a.baud:
+        opts["baud"] = a.baud
+    s = s.model_copy(update={"options": opts, "rate_hz": a.rate or s.rate_hz})
+    run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="edgecap-gps-"))
+    emu = GpsEmulator(World(sc), s, run_dir, time.monotonic_ns())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with emu:
+        print(emu.uri, flush=True)
+        print(emu.pps_uri, flush=True)
+        try:
+            while not stop.is_set() and not emu.done.is_set():
+                stop.wait(0.2)
+        except KeyboardInterrupt:
+            pass
+    print(f"sent {emu.sent}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
