@@ -150,16 +150,14 @@ class ScanAssembler:
         self._batcher = FrameBatcher(info)
         self._frame = LidarFrame(info)
         lut = XYZLut(info, use_extrinsics=False)  # xyz = range_mm * direction + offset
-        self._dir = np.asarray(lut.direction, np.float32).reshape(-1, 3)
-        self._off = np.asarray(lut.offset, np.float32).reshape(-1, 3)
+        self._dirofs = np.concatenate([np.asarray(lut.direction, np.float32).reshape(-1, 3),
+                                       np.asarray(lut.offset, np.float32).reshape(-1, 3)], 1)
         self._got = np.zeros(self.ppf, bool)
         self._rx_ns = np.zeros(self.ppf, np.int64)
         self._cur: int | None = None  # frame_id being assembled
         self._last: int | None = None  # frame_id of the last scan emitted (or skipped)
         self._skip: int | None = None  # frame_id of a partial first frame being skipped
         self._last_rx_ns = 0
-        self._ring = np.repeat(np.arange(self.h, dtype=np.uint32), self.w)
-        self._col = np.tile(np.arange(self.w), self.h)
         self._id_bytes: bytes | None = None
         self._crc: Any = None
         self._fast = self._verify_fast_path()
@@ -348,22 +346,24 @@ class ScanAssembler:
         ts = fr.timestamp.astype(np.int64)
         colok = (fr.status & 1).astype(bool)
         rng = fr.field("RANGE").reshape(-1)
-        idx = np.flatnonzero((rng > 0) & np.tile(colok, self.h))
+        idx = np.flatnonzero((rng.reshape(self.h, self.w) > 0) & colok)
         n = len(idx)
         # one (n, 6) block of 32-bit words viewed as POINT_DTYPE (x y z intensity t ring)
         out = np.empty((n, 6), np.float32)
-        out[:, :3] = rng[idx, None].astype(np.float32) * self._dir[idx] + self._off[idx]
+        g = self._dirofs[idx]  # one row gather: direction (per mm) and offset (m)
+        np.multiply(g[:, :3], rng[idx].astype(np.float32)[:, None], out=out[:, :3])
+        out[:, :3] += g[:, 3:]
         names = fr.fields
         inten = "SIGNAL" if "SIGNAL" in names else "REFLECTIVITY" if "REFLECTIVITY" in names \
             else None
         out[:, 3] = fr.field(inten).reshape(-1)[idx] if inten else 0.0
         words = out.view(np.uint32)
-        words[:, 5] = self._ring[idx]  # ring in the low 16 bits, zero padding above
+        ring, cols = np.divmod(idx, self.w)
+        words[:, 5] = ring  # ring in the low 16 bits, zero padding above
         first = int(np.argmax(colok)) if colok.any() else -1
         device_t_ns = int(ts[first]) if first >= 0 else None
         if device_t_ns is not None:
-            cols = self._col[idx]
-            words[:, 4] = np.clip(ts[cols] - device_t_ns, 0, 0xFFFFFFFF)
+            words[:, 4] = np.clip(ts - device_t_ns, 0, 0xFFFFFFFF)[cols]
             host = int(self._rx_ns[((first - self.col0) % self.w) // self.cpp])
         else:
             words[:, 4] = 0

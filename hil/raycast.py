@@ -33,6 +33,10 @@ _BOX_TRIANGLES = np.array([
     [3, 0, 4], [3, 4, 7],  # left (+y)
 ], dtype=np.uint32)
 
+#: pause between slices of GIL-holding work: long enough that a thread waiting for the GIL
+#: (the packet sender) really gets it — ``sleep(0)`` lets the same thread take it back
+YIELD_S = 0.0002
+
 GROUND = -1  # ``hit_object`` value for the ground plane
 NOTHING = -2  # no return within range
 
@@ -120,7 +124,7 @@ class Raycaster:
             t[a:a + self.chunk] = ans["t_hit"].numpy()
             gids[a:a + self.chunk] = ans["geometry_ids"].numpy()
             normals[a:a + self.chunk] = ans["primitive_normals"].numpy()
-            time.sleep(0)
+            time.sleep(YIELD_S)
         hit = np.isfinite(t) & (t <= self.max_range_m)
         lut = np.full(max(self._geom_to_obj) + 2, NOTHING, np.int32)
         for g, o in self._geom_to_obj.items():

@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.config import _problems
 from agent.errors import ConfigError
 
-from ..raycast import GROUND, Raycaster, box_in_sensor_frame
+from ..raycast import GROUND, YIELD_S, Raycaster, box_in_sensor_frame
 from ..scenario import DeviceSettings
 from ..world import World
 from .base import Emulator
@@ -288,7 +288,7 @@ class LidarEmulator(Emulator):
             status[a:a + step] = 1
             datas += [p.buf.tobytes() for p in frame_to_packets(
                 frame, self.pf, self.info.init_id, self.info.sn) if isinstance(p, LidarPacket)]
-            time.sleep(0)
+            time.sleep(YIELD_S)
         status[:] = 1
         last_col = np.arange(1, self.ppf + 1) * self.cpp - 1
         due = [self.clock.true_ns(dev_ns + int(self.col_off_ns[c])) for c in last_col]
