@@ -150,6 +150,17 @@ def test_mic_is_a_bit_exact_copy_of_the_monitor_and_can_be_unplugged(pa):
     assert pa.has_source()
 
 
+def test_reuses_a_running_server_and_leaves_it_running(pa, monkeypatch):
+    monkeypatch.setenv("PULSE_SERVER", pa.server or "")
+    with PulseServer(sink="edgecap_reuse", private=None) as other:
+        assert not other.owned and other._proc is None
+        assert pa.has_source("edgecap_reuse_mic")  # loaded into the running server
+    assert not pa.has_source("edgecap_reuse_mic") and pa.running  # unloaded, server alive
+    monkeypatch.setenv("PULSE_SERVER", "unix:/nonexistent/native")
+    with pytest.raises(PulseError, match="no PulseAudio server answers"):
+        PulseServer(private=False).start()
+
+
 # -- sounds ---------------------------------------------------------------------------
 def test_synthesised_sounds_have_their_frequencies():
     h = sounds.horn(0.5, RATE)
