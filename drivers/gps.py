@@ -358,6 +358,14 @@ class NmeaGpsOptions(DriverOptions):
             raise ValueError(f"baud must be one of {STANDARD_BAUDS}")
         return v
 
+    @field_validator("pps")
+    @classmethod
+    def _pps(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("/dev/", "pps://", "dcd:", "pps:emulated")):
+            raise ValueError("expected /dev/ppsN, pps:///dev/ppsN, dcd:[PORT] or "
+                             "pps:emulated?...")
+        return v
+
 
 @register("gps.nmea")
 class NmeaGps(Driver):

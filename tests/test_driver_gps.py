@@ -223,6 +223,9 @@ def test_uri_forms():
             parse_serial_uri(bad, 9600)
     with pytest.raises(ValueError):
         NmeaGpsOptions(baud=1000)
+    with pytest.raises(ValueError, match="dcd:"):
+        NmeaGpsOptions(pps="gpsd://localhost")
+    assert NmeaGpsOptions(pps="dcd:").pps == "dcd:"
 
 
 def test_missing_device_has_a_clear_error():
