@@ -193,7 +193,7 @@ def datagrams(draw) -> bytes:
     return p
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(datagrams(), max_size=40), st.integers(0, 2**62))
 def test_property_any_bytes_never_raise_and_every_datagram_is_counted(data, t):
     asm, c, _ = assembler()
@@ -286,18 +286,18 @@ def test_driver_scans_match_the_emulators_truth(tmp_path):
 
 
 FAULTS = {
-    "dropout": Fault(kind="dropout", t_s=0.3, duration_s=0.6, rate=0.2),
-    "truncate": Fault(kind="truncate", t_s=0.3, duration_s=0.6, rate=0.15),
-    "corrupt": Fault(kind="corrupt", t_s=0.3, duration_s=0.6, rate=0.15),
-    "garbage": Fault(kind="garbage", t_s=0.3, duration_s=0.6, rate=0.3),
-    "stall": Fault(kind="stall", t_s=0.35, duration_s=0.3),
-    "disconnect": Fault(kind="disconnect", t_s=0.35, duration_s=0.3),
+    "dropout": Fault(kind="dropout", t_s=0.25, duration_s=0.45, rate=0.2),
+    "truncate": Fault(kind="truncate", t_s=0.25, duration_s=0.45, rate=0.15),
+    "corrupt": Fault(kind="corrupt", t_s=0.25, duration_s=0.45, rate=0.15),
+    "garbage": Fault(kind="garbage", t_s=0.25, duration_s=0.45, rate=0.3),
+    "stall": Fault(kind="stall", t_s=0.3, duration_s=0.25),
+    "disconnect": Fault(kind="disconnect", t_s=0.3, duration_s=0.25),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(FAULTS))
 def test_every_injected_fault_is_counted_exactly(tmp_path, kind):
-    run = run_live(tmp_path, [FAULTS[kind]], seconds=1.1)
+    run = run_live(tmp_path, [FAULTS[kind]], seconds=0.9)
     exp = expected_counts(run.truth)
     assert {k: run.counters[k] for k in exp} == exp
     injected = {"dropout": "packets_dropped", "truncate": "truncated",

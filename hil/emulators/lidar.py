@@ -52,6 +52,7 @@ sensor frame}``; one ``{"type": "fault"}`` record when each fault begins.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import socket
 import threading
@@ -69,6 +70,8 @@ from ..raycast import GROUND, YIELD_S, Raycaster, box_in_sensor_frame
 from ..scenario import DeviceSettings
 from ..world import World
 from .base import Emulator
+
+log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 METADATA_PATH = DATA_DIR / "os1-64-1024x10.json"
@@ -232,7 +235,13 @@ class LidarEmulator(Emulator):
 
         frame = LidarFrame(self.info)
         while not self.stop_event.is_set():
-            f = self.render_frame(k, frame)
+            try:
+                f = self.render_frame(k, frame)
+            except Exception:  # keep the sensor spinning; the frame is never sent
+                log.exception("lidar emulator: rendering frame %d failed", k)
+                self.count("render_errors")
+                k += 1
+                continue
             while not self.stop_event.is_set():
                 try:
                     self._q.put(f, timeout=0.1)
@@ -329,7 +338,11 @@ class LidarEmulator(Emulator):
                 f = self._q.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self._send_frame(f)
+            try:
+                self._send_frame(f)
+            except Exception:
+                log.exception("lidar emulator: sending frame %d failed", f.k)
+                self.count("send_errors")
 
     def _fault_records(self, t_s: float) -> dict[str, Any]:
         active = self.faults(t_s)
