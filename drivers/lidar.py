@@ -84,7 +84,7 @@ class OusterLidarOptions(DriverOptions):
     rcvbuf_bytes: int = Field(default=8 << 20, ge=1 << 16, le=1 << 30)
     #: check each packet's CRC-64 footer (~50 µs a packet, ~3 % of a core at 640 packets/s)
     check_crc: bool = True
-    #: emit a scan still missing packets after this long without any packet (default 2.5
+    #: emit a scan still missing packets after this long without any packet (default 5
     #: frame periods)
     flush_timeout_ms: float | None = Field(default=None, gt=0, le=60_000)
 
@@ -471,7 +471,7 @@ class OusterLidar(Driver):
         if self.options.flush_timeout_ms is not None:
             return int(self.options.flush_timeout_ms * 1e6)
         fps = float(self.info.format.fps) if self.info is not None else 10.0
-        return int(2.5e9 / fps)
+        return int(5e9 / fps)
 
     def _samples(self) -> Iterator[Sample]:
         if self.mode == "pcap":

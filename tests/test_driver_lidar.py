@@ -246,7 +246,7 @@ def run_live(tmp_path: Path, faults: list[Fault] | None = None, seconds: float =
         time.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9) + seconds)
     finally:
         emu.stop()
-        time.sleep(0.4)  # > flush timeout (250 ms): the last scan is out
+        time.sleep(0.7)  # > flush timeout (500 ms): the last scan is out
         drv.close()
         reader.join(5)
     truth = [r for r in read_truth(tmp_path / "truth" / "lidar.jsonl") if r["type"] == "sample"]

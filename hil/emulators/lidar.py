@@ -19,8 +19,8 @@ when its last column has fired (plus the device's arrival jitter), so the 64 pac
 spread over the 100 ms frame, not sent in a burst. The world is ray cast once per frame at
 the frame's start (vehicle pose and objects at that instant; no motion distortion inside
 a scan) by :class:`hil.raycast.Raycaster`; frames are rendered up to two ahead by a render
-thread and sent by a sender thread. A frame whose packets would all be more than one
-period late is withheld whole (``overrun``).
+thread and sent by a sender thread. A frame whose packets would all be more than two
+periods late is withheld whole (``overrun``).
 
 Returns: range with 1 cm Gaussian noise, 0 (no return) beyond ``max_range_m`` or when the
 signal is too weak (far grazing ground); reflectivity by class (ground 12, car 45,
@@ -363,7 +363,7 @@ class LidarEmulator(Emulator):
         garbage = 0
         sent = 0
         reason = None
-        overrun = time.monotonic_ns() > f.due_ns[-1] + self.period_ns
+        overrun = time.monotonic_ns() > f.due_ns[-1] + 2 * self.period_ns
         for p, data in enumerate(f.datas):
             due = f.due_ns[p]
             active = self._fault_records(self.t_s(due))
