@@ -46,7 +46,7 @@ def _surface(center: tuple[float, float], size: tuple[float, float, float], yaw:
 OBJECTS = [  # (class, centre, size, yaw)
     ("car", (12.0, 3.0), (4.5, 1.8, 1.5), 0.3),
     ("pedestrian", (6.0, -4.0), (0.5, 0.6, 1.75), 0.0),
-    ("sign", (15.0, -6.0), (0.15, 0.15, 2.6), 0.0),
+    ("sign", (15.0, -6.0), (0.2, 0.8, 2.4), 0.0),
 ]
 
 
@@ -91,7 +91,8 @@ def test_clusters_recover_boxes(labeler) -> None:
     truth = _truth(0)
     for t in truth:
         best = max(dets, key=lambda d: bev_iou(t["bbox3d"], d["bbox3d"]))
-        assert bev_iou(t["bbox3d"], best["bbox3d"]) > 0.6, (t, best)
+        # a 0.2 m thin sign comes back 0.4 m thick (min_side_m): IoU 0.5
+        assert bev_iou(t["bbox3d"], best["bbox3d"]) > (0.45 if t["cls"] == "sign" else 0.6)
         assert best["cls"] == t["cls"]
         assert best["points"] >= 300
         assert abs(best["bbox3d"]["size"][2] - t["bbox3d"]["size"][2]) < 0.15
@@ -116,6 +117,24 @@ def test_partial_view_still_matches_at_iou_03(labeler) -> None:
         .meta["detections"]
     sc = lidar_scores(_truth(0), [{"frame": 0, **d} for d in dets], iou=0.3)
     assert sc["recall"] == 1.0, (sc, dets)
+
+
+def test_hil_scan_recall(labeler) -> None:
+    """A scan ray cast by the HIL LiDAR's own caster (city-drive, 5 s in): every object
+    within 40 m with at least 20 returns is found at IoU 0.3, with its size class."""
+    from hil.training.lidar_scan import hil_scan
+
+    pts, truth = hil_scan(5.0)
+    dets = labeler.label(Sample("/lidar", pts, 1, t_ns=9))[0].meta["detections"]
+    near = [t for t in truth if t["points"] >= 20 and math.hypot(*t["center"][:2]) <= 40]
+    assert {t["cls"] for t in near} == {"car", "sign"} and len(near) == 3
+    sc = lidar_scores([{"frame": 0, **t} for t in truth], [{"frame": 0, **d} for d in dets],
+                      iou=0.3, max_range_m=40, min_points=20)
+    assert sc["truth_boxes"] == 3
+    assert sc["recall"] == 1.0 and sc["precision"] == 1.0, (sc, dets)
+    for t in near:
+        best = max(dets, key=lambda d: bev_iou(t, d["bbox3d"]))
+        assert best["cls"] == t["cls"] and best["points"] >= 0.8 * t["points"]
 
 
 def test_empty_and_bad_scans(labeler) -> None:

@@ -7,8 +7,12 @@ within ``max_tilt_deg`` of vertical, else the ground is ``z < -mount height + 0.
 points between ``ground_m`` and ``max_height_m`` above the plane → DBSCAN
 (``cluster_dbscan``, ``eps_m``, ``min_points``) → per cluster an oriented bird's-eye box
 (``cv2.minAreaRect`` of the footprint; the length is the longer side, ``yaw`` its
-heading) spanning ground to the cluster top. Clusters bigger than ``max_footprint_m`` (walls,
-hedges) or lower than ``min_height_m`` are dropped. Each box counts the *raw* non-ground
+heading) spanning ground to the cluster top. A footprint thinner than ``min_side_m`` (one
+face seen) grows to it away from the sensor; a face 1.3–2.4 m wide and 1–2 m high whose
+upper part spans its whole width (a vehicle's end, unlike a rider's torso) is completed to
+``vehicle_length_m`` — the one size prior the labeler uses. Clusters bigger than ``max_footprint_m``
+(walls, hedges) or lower than ``min_height_m`` are dropped, and so is a box lying mostly
+inside a bigger one (a piece DBSCAN split off). Each box counts the *raw* non-ground
 points inside it (``points``) and gets a size-based class guess (car, pedestrian,
 cyclist, sign, else ``unknown``) with ``score`` = how well its size fits that class.
 
@@ -56,6 +60,10 @@ class ClusterOptions(LabelerOptions):
     min_points: int = Field(default=6, ge=1)
     min_box_points: int = Field(default=10, ge=1)
     min_height_m: float = Field(default=0.4, ge=0)
+    min_side_m: float = Field(default=0.4, ge=0, description="thinner footprints grow to "
+                              "this, away from the sensor")
+    vehicle_length_m: float = Field(default=4.4, ge=0, description="length given to a "
+                                    "vehicle seen end-on; 0 = off")
     max_footprint_m: float = Field(default=10.0, gt=0)
     seed: int = 0
 
@@ -102,6 +110,39 @@ def in_boxes(xyz: np.ndarray, boxes: list[dict[str, Any]]) -> np.ndarray:
                   & (np.abs(xyz[:, 2] - cz) <= h / 2 + 1e-3))
         counts[i] = int(inside.sum())
     return counts
+
+
+def _full_width(c: np.ndarray, ch: np.ndarray, cx: float, cy: float, yaw: float, a: float,
+                top: float, bins: int = 5) -> bool:
+    """True when points at 55–85 % of the cluster's height fill every one of ``bins`` slices
+    of the face width: a vehicle's body and cabin do, a rider's or walker's torso does not.
+    (The HIL LiDAR ray-casts objects as solid boxes, so there a cyclist seen side-on passes
+    too and is completed as a vehicle.)"""
+    u = (c[:, 0] - cx) * math.cos(yaw) + (c[:, 1] - cy) * math.sin(yaw)
+    band = (ch > 0.55 * top) & (ch < 0.85 * top)
+    if band.sum() < bins:
+        return False
+    idx = np.clip(((u[band] + a / 2) / a * bins).astype(int), 0, bins - 1)
+    return len(np.unique(idx)) == bins
+
+
+def _drop_contained(boxes: list[dict[str, Any]], share: float = 0.5) -> list[dict[str, Any]]:
+    """Drop a box whose footprint lies at least ``share`` inside a bigger box (a piece of
+    one object that DBSCAN split off, e.g. a roof edge seen at a grazing angle)."""
+    from .score import _clip, _poly_area, bev_corners
+
+    def fp(b: dict[str, Any]) -> dict[str, Any]:  # the footprint as seen, before growth
+        return b.get("_raw", b)
+
+    order = sorted(boxes, key=lambda b: -fp(b)["size"][0] * fp(b)["size"][1])
+    kept: list[dict[str, Any]] = []
+    for b in order:
+        area = fp(b)["size"][0] * fp(b)["size"][1]
+        pb = bev_corners(fp(b))
+        if any(_poly_area(_clip(pb, bev_corners(k))) >= share * area for k in kept):
+            continue
+        kept.append(b)
+    return kept
 
 
 class ClusterBoxes:
@@ -168,11 +209,29 @@ class ClusterBoxes:
             top = float(ch.max())
             if a > o.max_footprint_m or top < o.min_height_m:
                 continue
+            raw = {"center": [cx, cy], "size": [a, b], "yaw": yaw}
+            depth = o.min_side_m
+            if (o.vehicle_length_m and b < 0.7 and 1.3 <= a <= 2.4 and 1.0 <= top <= 2.0
+                    and _full_width(c, ch, cx, cy, yaw, a, top)):
+                depth = o.vehicle_length_m  # a vehicle's end face: complete its length
+            if b < depth:
+                # seen from one side only: the unseen depth lies away from the sensor
+                nx, ny = -math.sin(yaw), math.cos(yaw)  # the short axis
+                sgn = 1.0 if nx * cx + ny * cy >= 0 else -1.0
+                shift = (depth - b) / 2 * sgn
+                cx, cy, b = cx + nx * shift, cy + ny * shift, depth
+                if b > a:
+                    a, b = b, a
+                    yaw = (yaw + math.pi) % math.pi - math.pi / 2
+            a, b = max(a, o.min_side_m), max(b, o.min_side_m)
             # box from the ground to the top, centred on the plane below the footprint
             gz = -(plane[3] + plane[0] * cx + plane[1] * cy) / plane[2]
             box = {"center": [float(cx), float(cy), float(gz + top / 2)],
-                   "size": [float(a), float(b), top], "yaw": float(yaw)}
+                   "size": [float(a), float(b), top], "yaw": float(yaw), "_raw": raw}
             out.append(box)
+        out = _drop_contained(out)
+        for box in out:
+            del box["_raw"]
         counts = in_boxes(raw_obj, out)
         res = []
         for box, n in zip(out, counts):

@@ -15,11 +15,14 @@ source image or metres in the LiDAR frame.
   segment is found when predicted speech covers ≥ ``cover`` of it; a predicted segment is
   right when ≥ ``cover`` of it lies within truth widened by ``collar_ms``. Also frame F1 on
   10 ms frames (collar excluded).
-- :func:`lidar_scores` — ``truth``/``pred``: ``{frame, bbox3d: {center, size, yaw}}``;
+- :func:`lidar_scores` — ``truth``/``pred``: ``{frame, bbox3d: {center, size, yaw}}`` (or
+  ``center``/``size``/``yaw`` at the top level, as the HIL LiDAR truth writes them), in
+  the LiDAR frame;
   bird's-eye IoU of the rotated footprints (height ignored: BEV is what matters to a
   planner and what a clustering labeler can promise); one-to-one greedy matching by IoU;
-  recall and precision at ``iou`` (0.3). Truth farther than ``max_range_m`` from the
-  sensor or with fewer than ``min_points`` (when given) is left out.
+  recall and precision at ``iou`` (0.3). Boxes farther than ``max_range_m`` from the
+  sensor, and truth with fewer than ``min_points`` returns (its ``points``), are left out
+  (a prediction overlapping such truth counts neither way).
 """
 
 from __future__ import annotations
@@ -286,34 +289,42 @@ def _clip(subject: np.ndarray, clip: np.ndarray) -> np.ndarray:
 def lidar_scores(truth: list[dict[str, Any]], pred: list[dict[str, Any]], iou: float = 0.3,
                  max_range_m: float = 40.0, min_points: int = 0) -> dict[str, Any]:
     """Recall/precision of 3D boxes at bird's-eye IoU ``iou``; see module doc."""
-    def in_range(b: dict[str, Any]) -> bool:
-        c = b["bbox3d"]["center"]
-        return math.hypot(c[0], c[1]) <= max_range_m and b.get("points", min_points) >= \
-            min_points
+    def box(d: dict[str, Any]) -> dict[str, Any]:
+        return d.get("bbox3d") or d
 
-    truth = [t for t in truth if in_range(t)]
+    def in_range(d: dict[str, Any]) -> bool:
+        c = box(d)["center"]
+        return math.hypot(c[0], c[1]) <= max_range_m
+
+    few = [t for t in truth if in_range(t) and t.get("points", min_points) < min_points]
+    truth = [t for t in truth if in_range(t) and t.get("points", min_points) >= min_points]
     by_t: dict[Hashable, list[dict[str, Any]]] = {}
     for t in truth:
         by_t.setdefault(t["frame"], []).append(t)
     by_p: dict[Hashable, list[dict[str, Any]]] = {}
     for p in pred:
-        c = p["bbox3d"]["center"]
-        if math.hypot(c[0], c[1]) <= max_range_m:
+        if in_range(p):
             by_p.setdefault(p["frame"], []).append(p)
     tp = 0
     ious: list[float] = []
-    for f, ts in by_t.items():
-        ps = by_p.get(f, [])
-        if not ps:
-            continue
-        m = np.array([[bev_iou(t["bbox3d"], p["bbox3d"]) for p in ps] for t in ts])
+    unmatched: list[dict[str, Any]] = []
+    for f, ps in by_p.items():
+        ts = by_t.get(f, [])
+        m = np.array([[bev_iou(box(t), box(p)) for p in ps] for t in ts]).reshape(len(ts),
+                                                                                  len(ps))
+        used = np.zeros(len(ps), bool)
         while m.size and m.max() >= iou:
             i, j = np.unravel_index(int(m.argmax()), m.shape)
             ious.append(float(m[i, j]))
             m[i, :] = -1
             m[:, j] = -1
+            used[j] = True
             tp += 1
-    n_pred = sum(len(v) for v in by_p.values())
+        unmatched += [p for p, u in zip(ps, used) if not u]
+    # a box found on truth with too few returns to ask for is neither right nor wrong
+    ignored = sum(1 for p in unmatched if any(
+        t["frame"] == p["frame"] and bev_iou(box(t), box(p)) > 0 for t in few))
+    n_pred = sum(len(v) for v in by_p.values()) - ignored
     return {"truth_boxes": len(truth), "pred_boxes": n_pred, "tp": tp, "iou": iou,
             "recall": round(tp / len(truth), 4) if truth else None,
             "precision": round(tp / n_pred, 4) if n_pred else None,
