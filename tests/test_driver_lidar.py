@@ -15,7 +15,7 @@ import open3d  # noqa: F401  (import the emulator's heavy dependency before timi
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ouster.sdk.core import (LidarFrame, PacketFormat, SensorInfo, XYZLutFloat,
+from ouster.sdk.core import (LidarFrame, LidarMode, PacketFormat, SensorInfo, XYZLutFloat,
                              frame_to_packets)
 from pydantic import ValidationError
 
@@ -371,3 +371,23 @@ def test_clear_errors_for_bad_uri_busy_port_and_bad_metadata(tmp_path):
         drv.open()
     with pytest.raises(DriverError, match="no such pcap"):
         make_driver(f"pcap:{tmp_path / 'none.pcap'}").open()
+
+
+def test_legacy_profile_through_ouster_sdk_accessors():
+    legacy = SensorInfo.from_default(LidarMode._1024x10)
+    pf = PacketFormat(legacy)
+    assert pf.packet_header_size == 0 and pf.lidar_packet_size == 12608
+    fr = LidarFrame(legacy)
+    fr.field("RANGE")[:] = 5000
+    fr.timestamp[:] = T0 + np.arange(1024, dtype=np.uint64) * 97_656
+    fr.measurement_id[:] = np.arange(1024, dtype=np.uint16)
+    fr.status[:] = 0xFFFFFFFF
+    fr.frame_id = 9
+    pk = [p.buf.tobytes() for p in frame_to_packets(fr, pf, 0, 0)]
+    c = Counters()
+    asm = ScanAssembler(legacy, c, "/l")
+    assert not asm._fast  # no header to read by offset: ouster-sdk's accessors are used
+    out = feed_all(asm, pk[:3] + [pk[3][:100]] + pk[4:]) + asm.flush()
+    assert [s.seq for s in out] == [9] and out[0].meta["missing_packets"] == 1
+    assert len(out[0].payload) == 63 * 16 * 64 and out[0].device_t_ns == T0
+    assert (c["truncated"], c["packets"], c["missing_packets"]) == (1, 63, 1)
