@@ -27,7 +27,7 @@ from drivers.base import Driver
 from . import __version__
 from .clock import ClockStage, Timebase
 from .config import RigConfig
-from .errors import DriverError
+from .errors import DriverError, RecorderError
 from .quality import QualityMonitor
 from .retention import Retention
 from .triggers import TriggerEngine
@@ -95,6 +95,7 @@ class Pipeline:
         opened are closed again and DriverError names the stream."""
         from .recovery import recover_all
 
+        self._lock_out_dir()
         self.recovered = recover_all(self.out_dir, self.cfg.recorder.fsync_interval_s)
         opened: list[Driver] = []
         try:
@@ -116,6 +117,20 @@ class Pipeline:
                                 int((sc.queue_mb if sc else 256) * (1 << 20)),
                                 sc.drop_policy if sc else "drop_oldest", d)
         self._make_recorder()
+
+    def _lock_out_dir(self) -> None:
+        """One recorder per output directory: a second one would race the first's
+        recovery and retention. Raises RecorderError naming the directory."""
+        import fcntl
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.out_dir / ".edgecap.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RecorderError(f"{self.out_dir} is in use by another edgecap recorder "
+                                "(one recorder per output directory)") from None
 
     def add_stream(self, info: StreamInfo, max_items: int = 64, max_bytes: int = 256 << 20,
                    policy: str = "drop_oldest", driver: Driver | None = None) -> StreamQueue:
@@ -285,6 +300,9 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.stop()
             self.retention.stop()
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- status -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -93,21 +93,10 @@ def recover_segment(active: Path, fsync_interval_s: float = 1.0) -> dict[str, An
         chan_ids[c.id] = w.register_channel(c.topic, c.message_encoding,
                                             schema_ids.get(c.schema_id, 0), c.metadata)
         topics[c.id] = c.topic
-    streams: dict[str, dict[str, Any]] = {}
-    t_first = t_last = None
-    for m in messages:
-        if m.channel_id not in chan_ids:
-            continue
+    kept = [m for m in messages if m.channel_id in chan_ids]
+    for m in kept:
         w.add_message(chan_ids[m.channel_id], m.log_time, m.data, m.publish_time, m.sequence)
-        st = streams.setdefault(topics[m.channel_id], {"messages": 0, "bytes": 0,
-                                                       "t_first_ns": m.log_time,
-                                                       "t_last_ns": m.log_time})
-        st["messages"] += 1
-        st["bytes"] += len(m.data)
-        st["t_first_ns"] = min(st["t_first_ns"], m.log_time)
-        st["t_last_ns"] = max(st["t_last_ns"], m.log_time)
-        t_first = m.log_time if t_first is None else min(t_first, m.log_time)
-        t_last = m.log_time if t_last is None else max(t_last, m.log_time)
+    streams, t_first, t_last = _stream_stats(kept, topics)
     w.finish()
     hf.fsync()
     hf.close()
@@ -148,6 +137,65 @@ def recover_segment(active: Path, fsync_interval_s: float = 1.0) -> dict[str, An
     return report
 
 
+def _stream_stats(messages: list[Message], topics: dict[int, str]
+                  ) -> tuple[dict[str, dict[str, Any]], int | None, int | None]:
+    streams: dict[str, dict[str, Any]] = {}
+    t_first = t_last = None
+    for m in messages:
+        st = streams.setdefault(topics[m.channel_id], {"messages": 0, "bytes": 0,
+                                                       "t_first_ns": m.log_time,
+                                                       "t_last_ns": m.log_time})
+        st["messages"] += 1
+        st["bytes"] += len(m.data)
+        st["t_first_ns"] = min(st["t_first_ns"], m.log_time)
+        st["t_last_ns"] = max(st["t_last_ns"], m.log_time)
+        t_first = m.log_time if t_first is None else min(t_first, m.log_time)
+        t_last = m.log_time if t_last is None else max(t_last, m.log_time)
+    return streams, t_first, t_last
+
+
+def rebuild_manifest(segment: Path) -> dict[str, Any]:
+    """A closed ``.mcap`` whose manifest was never written (a crash between the rename
+    and the manifest): read it whole, and if it is complete write its manifest with
+    ``recovered: true`` and ``manifest_rebuilt: true``. Nothing is rewritten."""
+    from .manifest import file_sha256
+
+    report: dict[str, Any] = {"active": str(segment), "file": str(segment), "ok": False}
+    records, good, err = _read_prefix(segment)
+    if err is not None:
+        # not complete after all: recover it like an unclosed segment
+        active = segment.with_name(segment.name + ".active")
+        os.rename(segment, active)
+        return recover_segment(active)
+    topics = {r.id: r.topic for r in records if isinstance(r, Channel)}
+    messages = [r for r in records if isinstance(r, Message) and r.channel_id in topics]
+    metadata = {r.name: r.metadata for r in records if isinstance(r, Metadata)}
+    streams, t_first, t_last = _stream_stats(messages, topics)
+    seg_meta = metadata.get(SEGMENT_META, {})
+    session = metadata.get("edgecap.session", {})
+    sha, size = file_sha256(segment)
+    name = segment.name.removesuffix(".mcap")
+    manifest = {
+        "session_id": session.get("session_id", name.rsplit("_", 1)[0]),
+        "device_id": session.get("device_id", ""),
+        "config_digest": session.get("config_digest", ""),
+        "timebase": session.get("timebase", ""),
+        "segment": name, "index": int(seg_meta.get("index", -1)), "file": segment.name,
+        "sha256": sha, "size": size,
+        "window_start_ns": int(seg_meta.get("window_start_ns", t_first or 0)),
+        "window_end_ns": int(seg_meta.get("window_end_ns", t_last or 0)),
+        "t_first_ns": t_first, "t_last_ns": t_last, "late_samples": 0,
+        "recovered": True, "manifest_rebuilt": True, "lost_interval_ns": None,
+        "streams": streams, "agent_version": __version__, "alerts": [], "triggers": [],
+        "retention": "keep", "priority": 0,
+    }
+    write_manifest(segment, manifest)
+    report.update(ok=True, messages=len(messages), lost_interval_ns=[None, None],
+                  torn_bytes=0, size=size, manifest_rebuilt=True)
+    log.warning("rebuilt the missing manifest of %s", segment.name)
+    return report
+
+
 def recover_all(root: Path, fsync_interval_s: float = 1.0) -> list[dict[str, Any]]:
     """Recover every ``.mcap.active`` under ``root`` (recursively). Never raises."""
     reports = []
@@ -159,6 +207,15 @@ def recover_all(root: Path, fsync_interval_s: float = 1.0) -> list[dict[str, Any
         except Exception as e:  # one bad file must not stop the agent starting
             log.exception("recovery of %s failed", active)
             reports.append({"active": str(active), "ok": False, "error": str(e)})
+    from .manifest import manifest_path
+
+    for seg in sorted(root.rglob("*.mcap")):
+        if seg.is_file() and not manifest_path(seg).exists():
+            try:
+                reports.append(rebuild_manifest(seg))
+            except Exception as e:
+                log.exception("manifest rebuild of %s failed", seg)
+                reports.append({"active": str(seg), "ok": False, "error": str(e)})
     for tmp in root.rglob("*.mcap.recovering"):
         tmp.unlink(missing_ok=True)
     return reports

@@ -163,7 +163,7 @@ def test_sigterm_during_record_leaves_only_closed_valid_segments(tmp_path: Path,
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
-    sessions = list(tmp_path.iterdir())
+    sessions = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(sessions) == 1
     assert not list(sessions[0].glob("*.active"))
     segs = list(sessions[0].glob("*.mcap"))

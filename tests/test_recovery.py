@@ -102,6 +102,19 @@ def test_unrecoverable_file_is_moved_aside(tmp_path: Path) -> None:
     assert (tmp_path / "s_00000.mcap.corrupt").exists() and not bad.exists()
 
 
+def test_missing_manifest_is_rebuilt(tmp_path: Path, root: Path) -> None:
+    out = kill_during_record(tmp_path, root, 2.5)
+    seg = next(p for p in out.rglob("*.mcap"))
+    want = json.loads(manifest_path(seg).read_text())
+    manifest_path(seg).unlink()  # as if killed between the rename and the manifest
+    reports = [r for r in recover_all(out) if r.get("manifest_rebuilt")]
+    assert len(reports) == 1 and reports[0]["ok"]
+    got = json.loads(manifest_path(seg).read_text())
+    assert got["sha256"] == want["sha256"] and got["recovered"] is True
+    assert got["streams"]["/cam"]["messages"] == want["streams"]["/cam"]["messages"]
+    assert verify_segment(seg) == []
+
+
 def test_recovery_runs_at_next_start(tmp_path: Path, root: Path) -> None:
     out = kill_during_record(tmp_path, root, 0.5)
     assert list(out.rglob("*.mcap.active"))

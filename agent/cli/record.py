@@ -10,7 +10,7 @@ import time
 import click
 
 from agent.config import load_config
-from agent.errors import ConfigError, DriverError
+from agent.errors import ConfigError, DriverError, RecorderError
 from agent.pipeline import Pipeline
 
 from .render import print_inspect, status_line
@@ -69,6 +69,9 @@ def record(config: str, duration: float | None, out: str | None, quiet: bool) ->
     except DriverError as e:
         click.echo(f"cannot open device: {e}", err=True)
         sys.exit(3)
+    except RecorderError as e:
+        click.echo(f"cannot record: {e}", err=True)
+        sys.exit(4)
     click.echo(f"session {pipe.session_id} → {pipe.session_dir}")
     from agent.inspect import inspect_path
 

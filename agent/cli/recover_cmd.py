@@ -21,6 +21,9 @@ def recover(path: str) -> None:
     for r in reports:
         if r.get("empty"):
             click.echo(f"removed {Path(r['active']).name}: created but never written")
+        elif r.get("manifest_rebuilt"):
+            click.echo(f"rebuilt the manifest of {Path(r['file']).name} "
+                       f"({r['messages']} messages; the file was complete)")
         elif r["ok"]:
             lost = r["lost_interval_ns"]
             span = (lost[1] - lost[0]) / 1e9 if None not in lost else float("nan")
