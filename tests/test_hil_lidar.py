@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import open3d  # noqa: F401  (the ray caster's heavy import, before anything is timed)
 import pytest
-from ouster.sdk.core import (ColHeader, FrameBatcher, LidarFrame, LidarPacket, PacketFormat, SensorInfo,
-                             XYZLutFloat)
+from ouster.sdk.core import (ColHeader, FrameBatcher, LidarFrame, LidarPacket, PacketFormat,
+                             SensorInfo, XYZLutFloat)
 
 from agent.errors import ConfigError
 from hil.emulators.lidar import METADATA_PATH, LidarEmulator, make_metadata

@@ -267,7 +267,8 @@ class LidarEmulator(Emulator):
         hit = np.isfinite(r)
         refl = self._class_refl(objs)[hits.hit_object + 2]
         r_hit = np.where(hit, np.maximum(r, 1.0), 1.0)
-        signal = (_SIGNAL_K / 100.0) * np.minimum(refl, 100.0) * hits.cos_incidence / (r_hit * r_hit)
+        signal = (_SIGNAL_K / 100.0) * np.minimum(refl, 100.0) * hits.cos_incidence \
+            / (r_hit * r_hit)
         signal *= np.where(refl > 100, refl / 40.0, 1.0).astype(np.float32)  # retro-reflectors
         noise = self._noise(rng, n)
         signal += noise[0] * np.sqrt(signal + 1.0)
