@@ -248,7 +248,8 @@ class Pipeline:
         while not self._stopping.is_set():
             try:
                 for s in d:
-                    self.clock.stamp(s, d.device_clock_is_timebase)
+                    if not d.t_ns_final:
+                        self.clock.stamp(s, d.device_clock_is_timebase)
                     q = self.queues.get(s.stream)
                     if q is None:
                         d.counters.inc("errors")

@@ -69,6 +69,9 @@ class Driver(ABC):
     #: True when ``device_t_ns`` is already on the session timebase (synthetic drivers);
     #: the clock stage then uses it as is.
     device_clock_is_timebase: ClassVar[bool] = False
+    #: True when samples arrive with ``t_ns`` already set on the session timebase
+    #: (recorded sessions, ``replay.mcap``): the clock stage leaves them alone.
+    t_ns_final: ClassVar[bool] = False
 
     def __init__(self, name: str, uri: str, options: DriverOptions | None = None,
                  rate_hz: float | None = None, calibration: dict[str, Any] | None = None):
