@@ -152,7 +152,21 @@ class ProvenanceConfig(_Strict):
 class ClockConfig(_Strict):
     timebase: Literal["monotonic", "realtime", "tai", "ptp"] = "monotonic"
     ptp_device: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="agent.clock.ClockOptions (docs/clock.md)")
+
+    @field_validator("options")
+    @classmethod
+    def _clock_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .clock import ClockOptions
+
+        return ClockOptions.model_validate(v).model_dump()
+
+    @model_validator(mode="after")
+    def _ptp_needs_device(self) -> "ClockConfig":
+        if self.timebase == "ptp" and not self.ptp_device:
+            raise ValueError("timebase = 'ptp' needs ptp_device (e.g. /dev/ptp0)")
+        return self
 
 
 class OperationsConfig(_Strict):

@@ -74,8 +74,8 @@ class Pipeline:
         self.drivers = drivers if drivers is not None else [build_driver(s)
                                                             for s in cfg.streams]
         self.live = all(d.is_live for d in self.drivers) if live is None else live
-        self.timebase = Timebase(cfg.clock.timebase)
-        self.clock = ClockStage(self.timebase)
+        self.timebase = Timebase(cfg.clock.timebase, cfg.clock.ptp_device)
+        self.clock = ClockStage(self.timebase, cfg.clock.options)
         self.session_id = new_session_id(cfg.device_id)
         self.session_dir = self.out_dir / self.session_id
         self.queues: dict[str, StreamQueue] = {}
@@ -116,6 +116,10 @@ class Pipeline:
                 self.add_stream(info, sc.queue_size if sc else 64,
                                 int((sc.queue_mb if sc else 256) * (1 << 20)),
                                 sc.drop_policy if sc else "drop_oldest", d)
+                if not d.device_clock_is_timebase:
+                    self.clock.configure_stream(info)
+        for info in self.clock.quality_stream_infos():
+            self.add_stream(info, 16, 1 << 20)
         self._make_recorder()
 
     def _lock_out_dir(self) -> None:
@@ -165,6 +169,7 @@ class Pipeline:
             degrade=self.degrade)
         self.retention.periodic.append(
             lambda: self.triggers.poll_manual(self.out_dir, self.timebase.from_monotonic))
+        self.retention.periodic.append(self._emit_clock_quality)
         self.recorder.initial_retention = lambda: self.retention.initial_state
         self.recorder.on_closed.append(self.retention.on_closed)
         self.recorder.quality = QualityMonitor(
@@ -187,7 +192,8 @@ class Pipeline:
                 "session_id": self.session_id, "device_id": cfg.device_id,
                 "agent_version": __version__, "config_digest": cfg.digest,
                 "config_path": cfg.source_path, "timebase": self.timebase.kind,
-                "clock_source": "system", "hostname": socket.gethostname(),
+                "clock_source": "system", "timebase_info": json.dumps(
+                    self.timebase.describe(), default=str), "hostname": socket.gethostname(),
                 "platform": platform.platform(), "started_unix_ns": str(time.time_ns()),
             },
             "edgecap.provenance": {k: json.dumps(v) if isinstance(v, list) else str(v)
@@ -202,6 +208,14 @@ class Pipeline:
                                 for i in self.infos.values()},
         }
         return meta
+
+    def _emit_clock_quality(self) -> None:
+        """Housekeeping (retention thread, 1 Hz): the per-device clock-quality and the
+        timebase↔UTC records. Not for recorded sources (their quality was recorded)."""
+        if not self.live:
+            return
+        for s in self.clock.poll_quality(self.timebase.now_ns()):
+            self.push(s)
 
     def degrade(self, on: bool) -> list[str]:
         """Retention's lever when the spool is over quota with nothing left to evict:
@@ -304,6 +318,7 @@ class Pipeline:
         if getattr(self, "_lock_fd", None) is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        self.timebase.close()
 
     # -- status -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

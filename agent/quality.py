@@ -206,13 +206,15 @@ class QualityMonitor:
         al: dict[str, Any] = {}
         worst = "ok"
         for name, q in clock.items():
-            state = q.get("lock", q.get("state", "locked" if q.get("source") in (
-                "device=timebase",) else "n/a"))
-            v = {"locked": "ok", "n/a": "ok"}.get(str(state).lower(), "warn")
-            if q.get("source") == "arrival":
-                v = "warn"
+            if name not in self.required:
+                continue
+            state = str(q.get("state") or "unlocked")
+            # locked or exact: ok; acquiring, arrival-time only or unlocked: warn
+            v = "ok" if state in ("locked", "device=timebase") else "warn"
             al[name] = {"source": q.get("source"), "state": state,
-                        "jitter_ns": q.get("jitter_ns"), "verdict": v}
+                        "uncertainty_ns": q.get("uncertainty_ns"),
+                        "jitter_ns": q.get("jitter_ns"), "jumps": q.get("jumps", 0),
+                        "verdict": v}
             worst = max(worst, v, key=_rank)
         checks["alignment"] = {"streams": al, "verdict": worst if al else "n/a"}
         # noise, per modality
