@@ -91,6 +91,15 @@ def _box_points(rng: np.random.Generator) -> np.ndarray:
     return pts
 
 
+def test_fusion_needs_clusters_and_a_calibrated_camera() -> None:
+    from agent.labelers import LabelerError
+
+    pool = LabelerPool.from_config([LabelerConfig(kind="fusion.project", streams=["/lidar"])])
+    with pytest.raises(LabelerError, match="needs a lidar.clusters labeler"):
+        pool.plan([StreamInfo("/cam", StreamKind.CAMERA, "jpeg", 10.0, calibration=CAL),
+                   StreamInfo("/lidar", StreamKind.LIDAR, "points", 10.0)])
+
+
 def test_chain_in_pool_projects_and_matches() -> None:
     cam = PinholeCamera.from_calibration(CAL)
     expect, _ = project_box({"center": [11.5, 0.0, -1.05], "size": [4.5, 1.8, 1.5],

@@ -197,7 +197,7 @@ def test_subscribers_latest_nearest_and_errors() -> None:
 def test_config_errors() -> None:
     with pytest.raises(LabelerError, match="unknown labeler 'camera.nope'"):
         create(LabelerConfig(kind="camera.nope", streams=["/cam"]))
-    with pytest.raises(LabelerError, match="cannot label"):
+    with pytest.raises(LabelerError, match="cannot label /gps"):
         pool = LabelerPool.from_config([LabelerConfig(kind="test.slow", streams=["/gps"])])
         pool.plan([StreamInfo("/gps", StreamKind.GPS, "fix", 5.0)])
     with pytest.raises(LabelerError, match="bad options"):

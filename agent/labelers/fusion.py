@@ -116,6 +116,7 @@ class FusionProject(Labeler):
 
     suffix = "lidar_projection"
     Options = FusionOptions
+    requires = "a lidar.clusters labeler on the same stream and a camera with calibration"
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)

@@ -155,10 +155,13 @@ class LabelerPool:
                 if s not in self.infos:
                     raise LabelerError(f"{w.name}: stream {s} does not exist; streams: "
                                        f"{sorted(self.infos)}")
-            if not w.routes:
-                kinds = {s: f"{self.infos[s].kind.value}/{self.infos[s].encoding}"
-                         for s in w.cfg.streams}
-                raise LabelerError(f"{w.name} cannot label {kinds}")
+                if not any(r == s or self.infos[r].params.get("source") == s
+                           for r in w.routes):
+                    i = self.infos[s]
+                    hint = getattr(w.labeler, "requires", "")
+                    raise LabelerError(f"{w.name} cannot label {s} ({i.kind.value}, "
+                                       f"{i.encoding})" + (f"; it needs {hint}" if hint
+                                                          else ""))
         return list(self.outputs)
 
     def attach(self, pipeline: Any) -> list[StreamInfo]:
@@ -230,7 +233,8 @@ class LabelerPool:
         for w, r in routes:
             r.offered += 1
             if stopping:  # after stop(): not labeled, and counted as such
-                r.skipped += 1
+                with w.cond:
+                    r.skipped += 1
                 continue
             r.seen += 1
             if r.every_n > 1 and (r.seen - 1) % r.every_n:
