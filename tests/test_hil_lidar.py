@@ -258,6 +258,13 @@ def test_stop_is_prompt_and_idempotent(tmp_path):
     emu.stop()
     emu.stop()
     assert time.monotonic() - t < 1.0
+    # a run whose t = 0 lies far ahead stops at once too (nothing was sent)
+    later = make_emu(tmp_path / "later", t0_ns=time.monotonic_ns() + 60 * 10**9)
+    later.start()
+    time.sleep(0.2)
+    t = time.monotonic()
+    later.stop()
+    assert time.monotonic() - t < 1.0 and later.sent["frames"] == 0
     recs = list(read_truth(tmp_path / "truth" / "lidar.jsonl"))
     assert recs[-1]["type"] == "summary" and recs[-1]["frames"] >= 1
     assert json.loads(json.dumps(recs))  # plain JSON

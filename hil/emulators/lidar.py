@@ -339,6 +339,11 @@ class LidarEmulator(Emulator):
                 f = self._q.get(timeout=0.1)
             except queue.Empty:
                 continue
+            # wait for the frame's first packet interruptibly: stop() ends the run between
+            # frames (a frame once begun is sent whole), however far ahead t = 0 was set
+            lead = (f.due_ns[0] - time.monotonic_ns()) / 1e9 - 0.005
+            if lead > 0 and self.stop_event.wait(lead):
+                return
             try:
                 self._send_frame(f)
             except Exception:
