@@ -12,12 +12,14 @@ Data flow (one reader thread; nothing here blocks on anything but the socket)::
     datagram ─▶ classify (size, sensor identity, CRC-64) ─▶ frame bookkeeping
              (frame_id, packet index from the measurement id) ─▶ ouster-sdk FrameBatcher
              fills a LidarFrame ─▶ scan done (all packets, a newer frame, or silence)
-             ─▶ XYZLut → POINT_DTYPE array, invalid returns removed ─▶ Sample
+             ─▶ XYZ (XYZLut tables) → POINT_DTYPE array, invalid returns removed ─▶ Sample
 
 ouster-sdk defines the packet format (``PacketFormat`` from the metadata JSON), decodes the
-packets (``FrameBatcher``), projects ranges (``XYZLutFloat``) and reads pcap files
-(``PcapPacketSource``). This module adds what a capture agent needs on top: exact loss
-accounting and never raising on bad input.
+packets (``FrameBatcher``), supplies the beam geometry (``XYZLut`` direction and offset
+tables) and reads pcap files (``PcapPacketSource``). This module adds what a capture agent
+needs on top: exact loss accounting and never raising on bad input. Per packet, header
+fields and the CRC are read by byte offset (anycrc for CRC-64/XZ) once that fast path has
+been checked against ouster-sdk's own accessors (see ``ScanAssembler._verify_fast_path``).
 
 Per datagram, in this order (each bad datagram is counted once and skipped):
 ``garbage`` — too short for a packet header, or not a lidar packet of *this* sensor
