@@ -112,11 +112,15 @@ def test_driver_at_10hz_115200_matches_truth(tmp_path):
     recs = {r["device_ns"]: r for r in t if r["type"] == "sample"}
     fixes = [s for s in out if s.stream == "/gps"]
     refs = [s for s in out if s.stream == "/gps/timeref"]
-    assert len(recs) == 15 and sorted(s.device_t_ns for s in fixes) == sorted(recs)
+    overrun = [r for r in t if r["type"] == "fault"]  # only on a starved host
+    assert all(r["kind"] == "overrun" for r in overrun) and len(overrun) <= 2
+    assert len(recs) + len(overrun) == 15
+    assert sorted(s.device_t_ns for s in fixes) == sorted(recs)
     check_fixes_match_truth(fixes, recs)
     c = drv.counters.as_dict()
-    assert c["received"] == 15 and c["sentences"] == 75
-    assert c["corrupt"] == c["gaps"] == c.get("garbage_bytes", 0) == c.get("late_sentences", 0) == 0
+    assert c["received"] == len(recs) and c["sentences"] == 5 * len(recs)
+    assert c["gaps"] == len(overrun)
+    assert c["corrupt"] == c.get("garbage_bytes", 0) == c.get("late_sentences", 0) == 0
     # the time reference: one per epoch; arrival of the first byte, soon after the
     # emulator wrote it (scheduling delay only; the burst itself lasts ~25 ms)
     assert [r.payload["utc_ns"] for r in refs] == [s.device_t_ns for s in fixes]
@@ -144,7 +148,9 @@ def test_driver_at_1hz_9600_with_emulated_pps(tmp_path):
     # the burst of ~350 bytes takes ~0.36 s at 9600 baud: the fix sample is handed out
     # only after its last sentence, but its host_rx_ns is the first byte's arrival
     for s in fixes:
-        assert 0.02 < (s.host_rx_ns - recs[s.device_t_ns]["true_ns"]) / NS < 0.1
+        r = recs[s.device_t_ns]
+        assert r["true_ns"] < s.host_rx_ns
+        assert abs(s.host_rx_ns - r["tx_start_ns"]) < 50_000_000  # ≪ the 0.3 s burst
     pps = [s.payload for s in out if s.stream == "/gps/timeref" and s.payload["kind"] == "pps"]
     edges = {r["seq"]: r for r in t if r["type"] == "pps"}
     assert len(pps) >= 2 and [p["pps_seq"] for p in pps] == list(
@@ -173,12 +179,16 @@ def test_injected_faults_show_up_exactly_in_the_counters(tmp_path):
     t = truth(emu)
     recs = {r["device_ns"]: r for r in t if r["type"] == "sample"}
     dropped = [r for r in t if r["type"] == "fault" and r["kind"] == "dropout"]
+    # on a starved host the emulator may also skip an epoch it could not send in time
+    omitted = [r for r in t if r["type"] == "fault" and r["kind"] in ("dropout", "overrun")]
     assert emu.sent["corrupted"] > 5 and emu.sent["garbage_bytes"] > 50 and dropped
     c = drv.counters.as_dict()
     assert c["corrupt"] == sum(r["corrupted"] for r in recs.values()) == emu.sent["corrupted"]
     assert c["garbage_bytes"] == emu.sent["garbage_bytes"]
-    assert c["no_fix"] == emu.sent["no_fix"] == 3
-    assert c["gaps"] == len(dropped) == emu.sent["dropped"]
+    assert c["no_fix"] == emu.sent["no_fix"] == sum(r["fix_quality"] == 0
+                                                    for r in recs.values()) > 0
+    assert len(dropped) == emu.sent["dropped"]
+    assert c["gaps"] == len(omitted), (c, omitted)
     assert all(g["cause"] == "missing_epochs" for g in drv.gap_events)
     fixes = [s for s in out if s.stream == "/gps"]
     check_fixes_match_truth(fixes, recs)
@@ -208,7 +218,10 @@ def test_driver_survives_a_disconnect_and_records_the_gap(tmp_path):
     # a reopen mid-burst can catch the tail of an epoch: timed, but no GGA/RMC, no fix
     c = drv.counters.as_dict()
     assert c["gaps"] + c.get("incomplete_epochs", 0) == missing, c
-    assert [g["cause"] for g in drv.gap_events] == ["disconnect"]
+    causes = [g["cause"] for g in drv.gap_events]
+    overrun = sum(1 for r in t if r["type"] == "fault" and r["kind"] == "overrun")
+    assert causes.count("disconnect") == 1  # others only from a starved emulator
+    assert causes.count("missing_epochs") == len(causes) - 1 <= overrun
     assert fixes[-1] == max(recs)  # capture went on to the end
 
 
