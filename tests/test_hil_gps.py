@@ -62,7 +62,9 @@ def test_pyserial_reads_valid_nmea_from_the_pty(tmp_path):
     msgs = [NMEAReader.parse(ln) for ln in lines]  # raises on a bad checksum
     assert {m.msgID for m in msgs} == {"GGA", "RMC", "ZDA", "GSA", "VTG"}
     recs = [r for r in truth(emu) if r["type"] == "sample"]
-    assert len(recs) == 10 and emu.sent["sentences"] == len(lines) == 50
+    overrun = [r for r in truth(emu) if r["type"] == "fault" and r["kind"] == "overrun"]
+    assert len(recs) + len(overrun) == 10 and len(overrun) <= 2  # overrun: starved host only
+    assert emu.sent["sentences"] == len(lines) == 5 * len(recs)
     gga = [m for m in msgs if m.msgID == "GGA"]
     for m, r in zip(gga, recs):
         day = dt.datetime.fromtimestamp(r["device_ns"] // NS, dt.timezone.utc)
