@@ -19,8 +19,10 @@ COMMAND_MODULES = [
     "agent.cli.config_cmd",
     "agent.cli.recover_cmd",
     "agent.cli.trigger_cmd",
+    "agent.cli.devices_cmd",
     "agent.cli.ops_cmd",
     "agent.cli.sync_cmd",
+    "agent.cli.hil_cmd",
 ]
 
 
