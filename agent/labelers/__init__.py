@@ -171,8 +171,8 @@ class Labeler(ABC):
 
     def outputs(self, info: StreamInfo) -> list[StreamInfo]:
         """Label streams written for input ``info`` (called once per accepted input before
-        start). Default: one stream ``label_stream(info.name, suffix)``, encoded as
-        ``self.encoding`` with ``self.params``."""
+        start). Default: one stream ``label_stream(info.name, suffix)`` encoded as
+        :meth:`output_encoding` says."""
         return [self.make_output(info.name, info, self.suffix)]
 
     def make_output(self, source: str, info: StreamInfo, suffix: str) -> StreamInfo:

@@ -10,9 +10,9 @@ points between ``ground_m`` and ``max_height_m`` above the plane → DBSCAN
 heading) spanning ground to the cluster top. A footprint thinner than ``min_side_m`` (one
 face seen) grows to it away from the sensor; a face 1.3–2.4 m wide and 1–2 m high whose
 upper part spans its whole width (a vehicle's end, unlike a rider's torso) is completed to
-``vehicle_length_m`` — the one size prior the labeler uses. Clusters bigger than ``max_footprint_m``
-(walls, hedges) or lower than ``min_height_m`` are dropped, and so is a box lying mostly
-inside a bigger one (a piece DBSCAN split off). Each box counts the *raw* non-ground
+``vehicle_length_m`` — the one size prior the labeler uses. Clusters bigger than
+``max_footprint_m`` (walls, hedges) or lower than ``min_height_m`` are dropped, and so is a
+box lying mostly inside a bigger one (a piece DBSCAN split off). Each box counts the *raw* non-ground
 points inside it (``points``) and gets a size-based class guess (car, pedestrian,
 cyclist, sign, else ``unknown``) with ``score`` = how well its size fits that class.
 

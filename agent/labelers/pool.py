@@ -2,7 +2,7 @@
 
     reader thread ──tap: offer(sample)──▶ sampling policy (every_n, max_rate_hz)
         ──▶ bounded per-labeler queue (full: the oldest waiting sample is skipped, counted)
-    worker thread (one per labeler) ──label()──▶ label Samples ──▶ pipeline.push (recorder)
+    worker thread (one per labeler) ──label()──▶ label Samples ──▶ pipeline.push
                                                         ├──▶ latest/nearest store
                                                         ├──▶ subscribers (triggers)
                                                         └──▶ chained labelers (fusion)

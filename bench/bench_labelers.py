@@ -1,0 +1,231 @@
+"""Labeling inside the capture pipeline against a bare onnxruntime loop, same model, same
+thread count, measured in this run.
+
+- ``camera.yolo`` throughput: a real :class:`agent.pipeline.Pipeline` (recorder on, a
+  paced 1280×720 camera at 60 fps replaying HIL-rendered city-drive JPEGs, registered like
+  a real driver) with a :class:`LabelerPool` running the shipped HIL detector on 1 intra-op
+  thread; the pool is saturated, so labels/s is its capacity. References: (a) a bare loop
+  of ``session.run`` on one ready input tensor (the model alone), (b) a bare loop doing the
+  same per-frame work as the labeler (reduced JPEG decode, letterbox, run, NMS) without
+  pool, queues, threads or messages. Goal ≥ 0.9× of (a).
+- ``camera.yolo`` label latency (sample arrival → label ready, host monotonic) p50/p99 at
+  10 fps, below capacity, against the bare per-frame time of (b).
+- ``audio.vad`` real-time factor in the pool (audio seconds labeled per wall second, 48 kHz
+  blocks of 20 ms) against a bare Silero loop on ready 16 kHz windows.
+- ``lidar.clusters`` time per 64×1024 scan against the 100 ms scan period (10 Hz).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+
+from agent.config import LabelerConfig, parse_config
+from agent.labelers import create
+from agent.labelers._onnx import session
+from agent.labelers.camera_yolo import DEFAULT_MODEL, YoloDetector, decode_for_input
+from agent.labelers.pool import LabelerPool
+from agent.pipeline import Pipeline
+from agent.types import Sample, StreamInfo, StreamKind
+from bench import Result
+from drivers.base import Driver, DriverOptions
+from drivers.registry import register
+
+FRAMES: list[bytes] = []
+
+
+class _Opts(DriverOptions):
+    pass
+
+
+@register("bench.hilframes")
+class HilFrames(Driver):
+    """Cycles ``FRAMES`` (HIL-rendered JPEGs) at ``rate_hz``; device clock = timebase."""
+
+    Options = _Opts
+    device_clock_is_timebase = True
+
+    def streams(self) -> list[StreamInfo]:
+        return [StreamInfo(self.name, StreamKind.CAMERA, "jpeg", self.rate_hz,
+                           params={"width": 1280, "height": 720})]
+
+    def _open(self) -> None:
+        self._t0 = time.monotonic_ns()
+
+    def _close(self) -> None:
+        return None
+
+    def _samples(self) -> Iterator[Sample]:
+        period = int(1e9 / (self.rate_hz or 30))
+        n = 0
+        while not self.stopping:
+            due = self._t0 + n * period
+            d = (due - time.monotonic_ns()) / 1e9
+            if d > 0 and self._stop.wait(d):
+                return
+            self.counters.inc("received")
+            yield Sample(self.name, FRAMES[n % len(FRAMES)], time.monotonic_ns(),
+                         device_t_ns=due, seq=n)
+            n += 1
+
+
+def hil_frames(n: int = 12) -> list[bytes]:
+    from agent.geometry import PinholeCamera
+    from hil.render import default_calibration, render
+    from hil.scenario import load_scenario
+    from hil.world import World
+
+    world = World(load_scenario("city-drive"))
+    cam = PinholeCamera.from_calibration(default_calibration(1280, 720))
+    out = []
+    for t in np.linspace(4, 75, n):
+        img, _ = render(world, float(t), cam)
+        out.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return out
+
+
+def _rate(fn: Any, seconds: float) -> float:
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _pipeline_run(rate_hz: float, seconds: float, warm_s: float = 1.0
+                  ) -> tuple[float, dict[str, Any]]:
+    """Labels/s of camera.yolo inside a recording pipeline; and its pool stats."""
+    cfg = parse_config({
+        "device_id": "bench", "streams": [{"name": "/camera/front", "driver":
+                                           "bench.hilframes", "rate_hz": rate_hz}],
+        "labelers": [{"kind": "camera.yolo", "streams": ["/camera/front"], "threads": 1,
+                      "queue_size": 2}],
+        "recorder": {"window_s": 5.0}}, check_drivers=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = Pipeline(cfg, out_dir=tmp)
+        pipe.open()
+        pool = LabelerPool.from_config(cfg)
+        pool.attach(pipe)
+        pool.start()
+        pipe.start()
+        time.sleep(warm_s)
+        w = pool.workers[0]
+        n0, t0 = w.labeled, time.perf_counter()
+        w.latencies_ns.clear()
+        time.sleep(seconds)
+        n1, t1 = w.labeled, time.perf_counter()
+        stats = pool.stats()["camera.yolo#0"]
+        pool.stop(1.0)
+        pipe.stop()
+        drops = sum(s["queue_drops"] for s in pipe.stats()["streams"].values())
+    stats["raw_queue_drops"] = drops
+    return (n1 - n0) / (t1 - t0), stats
+
+
+def run(quick: bool = False) -> list[Result]:
+    secs = 3.0 if quick else 8.0
+    FRAMES[:] = hil_frames(6 if quick else 12)
+    det = YoloDetector(DEFAULT_MODEL, 1)
+    x, *_ = det.preprocess(decode_for_input(FRAMES[0], det.in_h, det.in_w)[0])
+    bare = session(DEFAULT_MODEL, 1)
+    name = bare.get_inputs()[0].name
+    i = iter(range(1 << 60))
+
+    bare_run = max(_rate(lambda: bare.run(None, {name: x}), secs / 2) for _ in range(2))
+    bare_full = max(_rate(lambda: det.detect_jpeg(FRAMES[next(i) % len(FRAMES)]), secs / 2)
+                    for _ in range(2))
+    pool_rates = []
+    for _ in range(1 if quick else 2):
+        r, st = _pipeline_run(60.0, secs)
+        pool_rates.append(r)
+    pool_rate = max(pool_rates)
+    _, lat = _pipeline_run(10.0, secs)
+    per_frame_ms = 1000 / bare_full
+
+    res = [
+        Result("camera.yolo labels/s in pipeline vs bare session.run", pool_rate, "labels/s",
+               f"bare onnxruntime loop {bare_run:.1f}/s (1 thread)", pool_rate / bare_run, 0.9,
+               extra={"bare_run_per_s": bare_run, "pool_runs": pool_rates,
+                      "skipped": st["skipped"], "raw_queue_drops": st["raw_queue_drops"],
+                      "model": str(DEFAULT_MODEL), "input": [det.in_h, det.in_w]}),
+        Result("camera.yolo labels/s in pipeline vs bare same-work loop", pool_rate,
+               "labels/s", f"decode+letterbox+run+NMS loop {bare_full:.1f}/s",
+               pool_rate / bare_full, 0.9, extra={"bare_full_per_s": bare_full}),
+        Result("camera.yolo label latency p50 @10 fps", lat["latency_ms_p50"] or 0.0, "ms",
+               f"bare per-frame work {per_frame_ms:.1f} ms", (lat["latency_ms_p50"] or 0.0)
+               / per_frame_ms, None, higher_is_better=False,
+               extra={"p99_ms": lat["latency_ms_p99"], "skipped": lat["skipped"]}),
+        Result("camera.yolo label latency p99 @10 fps", lat["latency_ms_p99"] or 0.0, "ms",
+               f"bare per-frame work {per_frame_ms:.1f} ms", (lat["latency_ms_p99"] or 0.0)
+               / per_frame_ms, None, higher_is_better=False),
+    ]
+    res.append(_vad(secs))
+    res.append(_lidar(quick))
+    return res
+
+
+def _vad(secs: float) -> Result:
+    """audio.vad inside a pool (fed as fast as it takes) vs bare Silero on 16 kHz windows."""
+    from agent.labelers.audio_vad import CONTEXT, WINDOW, silero_model_path
+
+    rng = np.random.default_rng(0)
+    block = 960
+    pcm = (rng.normal(0, 1500, 48000 * 4)).astype("<i2")
+    pool = LabelerPool.from_config([LabelerConfig(kind="audio.vad", streams=["/mic"],
+                                                  queue_size=1000)])
+    pool.plan([StreamInfo("/mic", StreamKind.AUDIO, "pcm-s16", 50.0,
+                          params={"sample_rate": 48000})])
+    pool.start()
+    t0 = time.perf_counter()
+    n = 0
+    k = 0
+    while time.perf_counter() - t0 < secs / 2:
+        for j in range(0, len(pcm), block):
+            pool.offer(Sample("/mic", pcm[j:j + block], time.monotonic_ns(),
+                              t_ns=k * 20_000_000))
+            k += 1
+            n += block
+            if pool.queued() > 500:
+                pool.wait_idle(10)
+        pool.wait_idle(10)
+    pool_rtf = n / 48000 / (time.perf_counter() - t0)
+    pool.stop()
+    sess = session(silero_model_path(), 1)
+    x = np.zeros((1, CONTEXT + WINDOW), np.float32)
+    state = np.zeros((2, 1, 128), np.float32)
+    sr = np.array(16000, np.int64)
+    bare = _rate(lambda: sess.run(None, {"input": x, "state": state, "sr": sr}), secs / 2)
+    bare_rtf = bare * WINDOW / 16000
+    return Result("audio.vad real-time factor in pool vs bare Silero loop", pool_rtf,
+                  "× real time",
+                  f"bare loop {bare_rtf:.0f}× real time", pool_rtf / bare_rtf, None,
+                  extra={"bare_rtf": bare_rtf})
+
+
+def _lidar(quick: bool) -> Result:
+    """Ground + clusters on a HIL scan, against the 100 ms scan period."""
+    from agent.labelers.score import lidar_scores
+
+    from hil.training.lidar_scan import hil_scan
+
+    pts, truth = hil_scan(5.0)
+    lab = create(LabelerConfig(kind="lidar.clusters", streams=["/lidar"]))
+    lab.accepts(StreamInfo("/lidar", StreamKind.LIDAR, "points", 10.0))
+    s = Sample("/lidar", pts, 1, t_ns=1)
+    dets = lab.label(s)[0].meta["detections"]
+    n = 5 if quick else 15
+    t0 = time.perf_counter()
+    for _ in range(n):
+        lab.label(s)
+    ms = (time.perf_counter() - t0) / n * 1000
+    sc = lidar_scores([{"frame": 0, **t} for t in truth], [{"frame": 0, **d} for d in dets],
+                      iou=0.3, max_range_m=40.0, min_points=20)
+    return Result("lidar.clusters time per 64×1024 scan", ms, "ms", "scan period 100 ms (10 Hz)",
+                  ms / 100.0, 1.0, higher_is_better=False,
+                  extra={"points": len(pts), "recall_iou03": sc["recall"],
+                         "precision_iou03": sc["precision"]})
