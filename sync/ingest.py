@@ -188,7 +188,7 @@ class IngestServer:
         router = self._ctx.socket(zmq.ROUTER)
         router.linger = 0
         router.router_mandatory = 1
-        router.maxmsgsize = self.limits.max_frame
+        router.maxmsgsize = self.limits.max_frame + 1024  # + CURVE box overhead on the wire
         router.rcvhwm = cfg.limits.window + 16
         router.sndhwm = 4 * cfg.limits.window + 64
         router.heartbeat_ivl = 5000
@@ -460,7 +460,7 @@ class IngestServer:
             t.session, t.bundle, t.manifest = msg["session"], msg["bundle"], msg["manifest"]
             t.priority, t.nacked_at = msg["priority"], None
             peer.transfers[tid] = t
-            self.metrics.rejected.labels("takeover").inc()
+            self.metrics.resumed.inc()
             self._send(peer.rid, encode("resume", tid=tid, offset=t.offset))
             return
         if t is not None:
@@ -493,7 +493,9 @@ class IngestServer:
             code = "bad_crc"
         if code is not None:
             self.metrics.rejected.labels(code).inc()
-            if t.nacked_at != t.offset:  # one nack per gap, not one per stale chunk
+            # one nack per gap, not one per stale chunk in flight behind it; a chunk at
+            # the right offset that fails its crc is a fresh attempt and always answered
+            if t.nacked_at != t.offset or code == "bad_crc":
                 t.nacked_at = t.offset
                 self._send(peer.rid, encode("nack", tid=tid, off=t.offset, code=code))
             return
@@ -655,6 +657,8 @@ class IngestServer:
             self._forget(t)
             return
         t.fd, t.hasher, t.offset, t.state = fd, hasher, offset, "receiving"
+        if offset:
+            self.metrics.resumed.inc()
         self._send(t.owner, encode("resume", tid=t.tid, offset=offset))
 
     def _on_have(self, t: _Transfer, outcome: str) -> None:

@@ -49,6 +49,8 @@ class IngestMetrics:
                                       "staging", registry=r)
         self.bundles = Counter(p + "bundles", "Bundles acknowledged, by outcome (stored, "
                                "duplicate, indexed)", ["outcome"], registry=r)
+        self.resumed = Counter(p + "resumed", "Offers answered with an offset > 0 (from "
+                               "staging, or taken over from a dead connection)", registry=r)
         self.bad_hash = Counter(p + "bad_hash", "Commits whose sha256 did not verify",
                                 registry=r)
         self.storage_errors = Counter(p + "storage_errors", "Storage operations that "

@@ -447,7 +447,6 @@ class Uploader:
                 m = link.recv(wait)
                 while m is not None:
                     last_rx = self._clock()
-                    self._last_progress = last_rx
                     current = self._handle(m, link, current, committing, requeue, s)
                     m = link.recv(0)
                 now = self._clock()
@@ -543,6 +542,8 @@ class Uploader:
                 log.info("%s: resuming at %d of %d bytes", cur.b.key, off, cur.b.size)
             return current
         if t == "ack" and cur is not None:
+            if m["off"] > cur.acked:
+                self._last_progress = self._clock()
             cur.acked = max(cur.acked, min(m["off"], cur.pos))
             self._saved_progress(cur)
             return current
@@ -630,6 +631,7 @@ class Uploader:
         self.state.remove(b.key)
         self._hwm.pop(b.key, None)
         self._cooldown.pop(b.key, None)
+        self._last_progress = self._clock()
         s.uploaded += 1
         s.verified += 1
         s.bundle_bytes += b.size
