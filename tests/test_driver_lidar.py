@@ -231,7 +231,7 @@ class Run:
 def run_live(tmp_path: Path, faults: list[Fault] | None = None, seconds: float = 1.3,
              pcap: bool = False) -> Run:
     port = free_port()
-    drv = make_driver(f"udp://127.0.0.1:{port}")
+    drv = make_driver(f"udp://127.0.0.1:{port}", flush_timeout_ms=200)
     drv.open()
     out: list[Sample] = []
     reader = threading.Thread(target=lambda: out.extend(drv), daemon=True)
@@ -246,7 +246,7 @@ def run_live(tmp_path: Path, faults: list[Fault] | None = None, seconds: float =
         time.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9) + seconds)
     finally:
         emu.stop()
-        time.sleep(0.7)  # > flush timeout (500 ms): the last scan is out
+        time.sleep(0.35)  # > flush timeout (200 ms): the last scan is out
         drv.close()
         reader.join(5)
     truth = [r for r in read_truth(tmp_path / "truth" / "lidar.jsonl") if r["type"] == "sample"]
@@ -286,18 +286,18 @@ def test_driver_scans_match_the_emulators_truth(tmp_path):
 
 
 FAULTS = {
-    "dropout": Fault(kind="dropout", t_s=0.25, duration_s=0.45, rate=0.2),
-    "truncate": Fault(kind="truncate", t_s=0.25, duration_s=0.45, rate=0.15),
-    "corrupt": Fault(kind="corrupt", t_s=0.25, duration_s=0.45, rate=0.15),
-    "garbage": Fault(kind="garbage", t_s=0.25, duration_s=0.45, rate=0.3),
-    "stall": Fault(kind="stall", t_s=0.3, duration_s=0.25),
-    "disconnect": Fault(kind="disconnect", t_s=0.3, duration_s=0.25),
+    "dropout": Fault(kind="dropout", t_s=0.2, duration_s=0.35, rate=0.2),
+    "truncate": Fault(kind="truncate", t_s=0.2, duration_s=0.35, rate=0.15),
+    "corrupt": Fault(kind="corrupt", t_s=0.2, duration_s=0.35, rate=0.15),
+    "garbage": Fault(kind="garbage", t_s=0.2, duration_s=0.35, rate=0.3),
+    "stall": Fault(kind="stall", t_s=0.25, duration_s=0.25),
+    "disconnect": Fault(kind="disconnect", t_s=0.25, duration_s=0.25),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(FAULTS))
 def test_every_injected_fault_is_counted_exactly(tmp_path, kind):
-    run = run_live(tmp_path, [FAULTS[kind]], seconds=0.9)
+    run = run_live(tmp_path, [FAULTS[kind]], seconds=0.75)
     exp = expected_counts(run.truth)
     assert {k: run.counters[k] for k in exp} == exp
     injected = {"dropout": "packets_dropped", "truncate": "truncated",
