@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "agent.cli.devices_cmd",
     "agent.cli.ops_cmd",
     "agent.cli.sync_cmd",
+    "agent.cli.replay_cmd",
     "agent.cli.hil_cmd",
 ]
 
