@@ -1,0 +1,288 @@
+"""Label Studio export: tasks with pre-annotations (``predictions``) for review.
+
+Layout::
+
+    OUT/images/<camera_slug>/<t_ns>.jpg        JPEG bytes as recorded
+    OUT/audio/<mic_slug>/<clip_start_ns>.wav   PCM clips of ``clip_s`` seconds
+    OUT/tasks.json                             one task per image and per audio clip
+    OUT/label_config_image.xml                 labeling configs to create the projects
+    OUT/label_config_audio.xml
+
+Image task: ``data.image`` (``url_prefix`` + relative path; for Label Studio's local
+files use ``url_prefix="/data/local-files/?d=<dir>/"``), ``data.stream``/``t_ns``; one
+prediction per label stream with ``model_version`` and ``score`` (mean of its boxes),
+results of type ``rectanglelabels`` with ``x y width height`` in percent of the image and
+``original_width``/``original_height``. Audio task: ``data.audio``; predictions with
+results of type ``labels`` (``start``/``end`` in seconds from the clip start) for the
+speech segments that overlap the clip (clipped to it). Validated against
+:data:`TASKS_SCHEMA`, a JSON schema written from Label Studio's task-format docs
+(label-studio-sdk pulls in pandas, nltk and more, so it is not a test dependency).
+"""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.types import StreamKind
+
+from .common import (NS, AudioLabel, ExportOptions, Frame, LabelSet, Progress, SessionView,
+                     image_bytes, image_size, slug, write_json)
+
+_RESULT = {
+    "type": "object",
+    "required": ["id", "type", "from_name", "to_name", "value"],
+    "properties": {
+        "id": {"type": "string", "minLength": 1},
+        "type": {"enum": ["rectanglelabels", "labels"]},
+        "from_name": {"type": "string"}, "to_name": {"type": "string"},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "original_width": {"type": "integer", "minimum": 1},
+        "original_height": {"type": "integer", "minimum": 1},
+        "image_rotation": {"type": "number"},
+        "value": {"type": "object"},
+    },
+    "allOf": [
+        {"if": {"properties": {"type": {"const": "rectanglelabels"}}},
+         "then": {"required": ["original_width", "original_height"],
+                  "properties": {"value": {
+                      "required": ["x", "y", "width", "height", "rectanglelabels"],
+                      "properties": {
+                          "x": {"type": "number", "minimum": 0, "maximum": 100},
+                          "y": {"type": "number", "minimum": 0, "maximum": 100},
+                          "width": {"type": "number", "minimum": 0, "maximum": 100},
+                          "height": {"type": "number", "minimum": 0, "maximum": 100},
+                          "rotation": {"type": "number"},
+                          "rectanglelabels": {"type": "array", "minItems": 1,
+                                              "items": {"type": "string"}}}}}}},
+        {"if": {"properties": {"type": {"const": "labels"}}},
+         "then": {"properties": {"value": {
+             "required": ["start", "end", "labels"],
+             "properties": {"start": {"type": "number", "minimum": 0},
+                            "end": {"type": "number", "minimum": 0},
+                            "labels": {"type": "array", "minItems": 1,
+                                       "items": {"type": "string"}}}}}}},
+    ],
+}
+
+#: JSON schema of the tasks file (Label Studio "basic JSON format" with predictions).
+TASKS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "object", "minProperties": 1},
+            "predictions": {"type": "array", "items": {
+                "type": "object",
+                "required": ["model_version", "result"],
+                "properties": {"model_version": {"type": "string", "minLength": 1},
+                               "score": {"type": "number", "minimum": 0, "maximum": 1},
+                               "result": {"type": "array", "items": _RESULT}}}},
+        },
+    },
+}
+
+IMAGE_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <RectangleLabels name="label" toName="image">
+{labels}  </RectangleLabels>
+</View>
+"""
+
+AUDIO_CONFIG = """<View>
+  <Audio name="audio" value="$audio"/>
+  <Labels name="label" toName="audio">
+{labels}  </Labels>
+</View>
+"""
+
+
+def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
+                       clip_s: float = 30.0) -> dict[str, Any]:
+    """Write the Label Studio export of a session into ``opts.out_dir``; returns a
+    summary."""
+    view = SessionView(uri, opts)
+    out = Path(opts.out_dir)
+    tasks: list[dict[str, Any]] = []
+    img_classes: set[str] = set()
+    audio_classes: set[str] = set()
+    clips: dict[str, _Clip] = {}
+    done: list[_Clip] = []
+    audio_labels: list[AudioLabel] = []
+    clip_ns = int(clip_s * NS)
+    bar = Progress(view.expected_records(), "Label Studio export", opts.progress)
+    try:
+        for ev in view.events(bar.advance):
+            if isinstance(ev, AudioLabel):
+                audio_labels.append(ev)
+                continue
+            if ev.info.kind == StreamKind.CAMERA:
+                t = _image_task(ev, out, url_prefix, img_classes)
+                if t is None:
+                    view.counts["decode_errors"] += 1
+                else:
+                    tasks.append(t)
+            elif ev.info.kind == StreamKind.AUDIO and isinstance(ev.sample.payload, np.ndarray):
+                c = clips.get(ev.stream)
+                if c is not None and (ev.t_ns - c.start_ns >= clip_ns or not c.contiguous(ev)):
+                    c.write(out)
+                    done.append(c)
+                    c = None
+                if c is None:
+                    c = clips[ev.stream] = _Clip(ev)
+                c.add(ev)
+        for c in clips.values():
+            c.write(out)
+            done.append(c)
+    finally:
+        bar.close()
+    # speech segments are labelled when they end: tasks are built once all are known
+    for c in sorted(done, key=lambda c: (c.start_ns, c.stream)):
+        tasks.append(c.task(url_prefix, audio_labels, audio_classes))
+    write_json(out / "tasks.json", tasks)
+    (out / "label_config_image.xml").write_text(IMAGE_CONFIG.format(labels="".join(
+        f'    <Label value="{c}"/>\n' for c in sorted(img_classes))))
+    (out / "label_config_audio.xml").write_text(AUDIO_CONFIG.format(labels="".join(
+        f'    <Label value="{c}"/>\n' for c in sorted(audio_classes or {"speech"}))))
+    n_img = sum(1 for t in tasks if "image" in t["data"])
+    return {"format": "labelstudio", "out": str(out), "tasks": len(tasks),
+            "image_tasks": n_img, "audio_tasks": len(tasks) - n_img,
+            "predictions": sum(len(t.get("predictions", [])) for t in tasks), **view.counts}
+
+
+def _image_task(fr: Frame, out: Path, url_prefix: str, classes: set[str]
+                ) -> dict[str, Any] | None:
+    got = image_bytes(fr)
+    if got is None:
+        return None
+    data, ext = got
+    size = image_size(data, fr.info.encoding)
+    if size is None or not size[0] or not size[1]:
+        return None
+    w, h = size
+    rel = f"images/{slug(fr.stream)}/{fr.t_ns}{ext}"
+    p = out / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    preds = []
+    for ls in fr.labels:
+        results = []
+        for i, d in enumerate(ls.detections):
+            box = d.get("box")
+            if not box:
+                continue
+            x0, y0, x1, y1 = (min(max(float(v), 0.0), lim) for v, lim in
+                              zip(box, (w, h, w, h)))
+            if x1 <= x0 or y1 <= y0:
+                continue
+            classes.add(d["cls"])
+            results.append({
+                "id": f"{slug(ls.stream)}-{fr.t_ns}-{i}", "type": "rectanglelabels",
+                "from_name": "label", "to_name": "image",
+                "original_width": w, "original_height": h, "image_rotation": 0,
+                "score": round(float(d["score"]), 4),
+                "value": {"x": round(100 * x0 / w, 4), "y": round(100 * y0 / h, 4),
+                          "width": round(100 * (x1 - x0) / w, 4),
+                          "height": round(100 * (y1 - y0) / h, 4), "rotation": 0,
+                          "rectanglelabels": [d["cls"]]}})
+        preds.append(_prediction(ls, results))
+    return {"data": {"image": url_prefix + rel, "stream": fr.stream, "t_ns": fr.t_ns,
+                     "seq": fr.sample.seq}, "predictions": preds}
+
+
+def _prediction(ls: LabelSet, results: list[dict[str, Any]]) -> dict[str, Any]:
+    scores = [r["score"] for r in results]
+    return {"model_version": ls.model_version,
+            "score": round(float(np.mean(scores)), 4) if scores else 0.0,
+            "result": results}
+
+
+class _Clip:
+    """Consecutive PCM blocks of one audio stream gathered into one WAV clip."""
+
+    def __init__(self, fr: Frame):
+        p = fr.info.params
+        self.stream = fr.stream
+        self.rate = int(p.get("sample_rate") or (fr.info.rate_hz if (fr.info.rate_hz or 0) >= 4000
+                                                 else 48000))
+        self.start_ns = fr.t_ns
+        self.blocks: list[np.ndarray] = []
+        self.frames = 0
+        self.channels = fr.sample.payload.shape[1] if fr.sample.payload.ndim == 2 else 1
+
+    def contiguous(self, fr: Frame) -> bool:
+        """False when ``fr`` does not start where the clip ends (a gap of > 50 ms)."""
+        expect = self.start_ns + self.frames * NS // self.rate
+        return abs(fr.t_ns - expect) <= 50_000_000
+
+    def add(self, fr: Frame) -> None:
+        pcm = fr.sample.payload
+        pcm = pcm.reshape(-1, 1) if pcm.ndim == 1 else pcm
+        if pcm.shape[1] != self.channels:
+            pcm = pcm[:, :1].repeat(self.channels, axis=1)
+        self.blocks.append(pcm.astype("<i2", copy=False))
+        self.frames += len(pcm)
+
+    @property
+    def end_ns(self) -> int:
+        return self.start_ns + self.frames * NS // self.rate
+
+    @property
+    def rel(self) -> str:
+        return f"audio/{slug(self.stream)}/{self.start_ns}.wav"
+
+    def write(self, out: Path) -> None:
+        """Write the clip's WAV and release its PCM."""
+        p = out / self.rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with wave.open(str(p), "wb") as w:
+            w.setnchannels(self.channels)
+            w.setsampwidth(2)
+            w.setframerate(self.rate)
+            w.writeframes(np.concatenate(self.blocks).tobytes() if self.blocks else b"")
+        self.blocks = []
+
+    def task(self, url_prefix: str, labels: list[AudioLabel], classes: set[str]
+             ) -> dict[str, Any]:
+        """The clip's task with the speech segments that overlap it."""
+        rel = self.rel
+        dur = self.frames / self.rate
+        per_model: dict[str, tuple[LabelSet, list[dict[str, Any]]]] = {}
+        for al in labels:
+            if al.source != self.stream:
+                continue
+            for i, d in enumerate(al.labels.detections):
+                if d.get("open") or d.get("start_ns") is None or d.get("end_ns") is None \
+                        or d["cls"] == "retracted":
+                    continue
+                a = max(d["start_ns"], self.start_ns)
+                b = min(d["end_ns"], self.end_ns)
+                if b <= a:
+                    continue
+                classes.add(d["cls"])
+                key = al.labels.model_version
+                per_model.setdefault(key, (al.labels, []))[1].append({
+                    "id": f"{slug(al.labels.stream)}-{d['start_ns']}-{i}", "type": "labels",
+                    "from_name": "label", "to_name": "audio",
+                    "score": round(float(d["score"]), 4),
+                    "value": {"start": round((a - self.start_ns) / NS, 4),
+                              "end": round(min((b - self.start_ns) / NS, dur), 4),
+                              "labels": [d["cls"]]}})
+        preds = [_prediction(ls, res) for ls, res in per_model.values()]
+        return {"data": {"audio": url_prefix + rel, "stream": self.stream,
+                         "t_ns": self.start_ns, "duration_s": round(dur, 4)},
+                "predictions": preds}
+
+
+def validate_tasks(tasks: Any) -> list[str]:
+    """Problems of a tasks document against :data:`TASKS_SCHEMA` (empty when valid)."""
+    import jsonschema
+
+    v = jsonschema.Draft202012Validator(TASKS_SCHEMA)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in v.iter_errors(tasks)]
