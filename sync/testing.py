@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -329,3 +332,51 @@ def sync_config(endpoint: str, keyset: dict[str, Path] | None = None, client: st
         data["client_secret_key_file"] = str(keyset[f"{client}_secret"])
     data.update(over)
     return SyncConfig(**data)
+
+
+_SERVER_MAIN = """
+import sys, threading
+from sync.ingest import IngestServer
+from sync.ingest_config import load_ingest_config
+IngestServer(load_ingest_config(sys.argv[1])).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+class IngestProcess:
+    """An ingest server (fs backend, CURVE) in its own process, to be killed with SIGKILL
+    and restarted on the same port, staging and store."""
+
+    def __init__(self, root: str | os.PathLike[str], keyset: dict[str, Path]):
+        r = Path(root)
+        r.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.store = r / "store"
+        self.toml = r / "ingest.toml"
+        self.toml.write_text(f'''
+listen = "tcp://127.0.0.1:{self.port}"
+server_secret_key_file = "{keyset['server_secret']}"
+clients_dir = "{keyset['clients_dir']}"
+staging_dir = "{r / 'staging'}"
+[storage.options]
+root = "{self.store}"
+''')
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start and wait until it listens."""
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_MAIN, str(self.toml)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("ingest process did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)

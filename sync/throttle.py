@@ -48,3 +48,45 @@ def chunk_for_rate(rate_bytes_s: float, chunk_bytes: int, floor: int = 16 << 10)
     """A chunk size that keeps a throttled stream smooth: at most ~0.1 s of budget, but
     not below ``floor`` and not above ``chunk_bytes``."""
     return int(max(floor, min(chunk_bytes, rate_bytes_s * 0.1)))
+
+
+class CreditWindow:
+    """How many chunks the uploader keeps in flight: between 2 and ``max_chunks`` (the
+    configured ``window``). It grows while acks come back about as fast as the fastest
+    recent one and shrinks when they slow down, i.e. when a queue builds at the receiver
+    or on the link. That keeps the standing queue short — and with it what a crashed
+    receiver loses and how long a newly triggered bundle waits — without starving a long,
+    fat link, where acks stay fast until the window covers the round trip.
+
+    Owned by the uploader thread; times on ``clock`` (monotonic seconds)."""
+
+    def __init__(self, max_chunks: int, clock: Callable[[], float] = time.monotonic):
+        from collections import deque
+
+        self.max = max(1, max_chunks)
+        self.chunks = min(2, self.max)
+        self._clock = clock
+        self._sent: deque[tuple[int, float]] = deque()
+        self._rtts: deque[float] = deque(maxlen=64)
+
+    def on_send(self, end_offset: int) -> None:
+        self._sent.append((end_offset, self._clock()))
+
+    def on_ack(self, offset: int) -> None:
+        t = None
+        while self._sent and self._sent[0][0] <= offset:
+            t = self._sent.popleft()[1]
+        if t is None:
+            return
+        rtt = self._clock() - t
+        self._rtts.append(rtt)
+        base = min(self._rtts)
+        if rtt <= 1.5 * base + 0.0005:
+            self.chunks = min(self.max, self.chunks + 1)
+        elif rtt > 2.5 * base + 0.002:
+            self.chunks = max(min(2, self.max), self.chunks - 1)
+
+    def restart(self) -> None:
+        """Forget chunks in flight (after a rewind or a new transfer); keep what was
+        learnt about the path."""
+        self._sent.clear()

@@ -42,7 +42,7 @@ from .metrics import UploaderMetrics
 from .protocol import SERVER_TYPES, Limits, Message, decode, encode
 from .schedule import UploadWindows
 from .spool import REJECTED_SUFFIX, UPLOADED_SUFFIX, Spool, SpoolBundle, SyncState
-from .throttle import TokenBucket, chunk_for_rate
+from .throttle import CreditWindow, TokenBucket, chunk_for_rate
 
 log = logging.getLogger("sync.uploader")
 
@@ -388,7 +388,7 @@ class Uploader:
         assert link.welcome is not None
         w = link.welcome
         chunk = min(self._chunk, w["max_chunk"])
-        window = min(self.cfg.window, w["window"]) * chunk
+        credit = CreditWindow(min(self.cfg.window, w["window"]), self._clock)
         timeout = self.cfg.timeout_s
         current: _Up | None = None
         committing: dict[int, _Up] = {}
@@ -433,7 +433,7 @@ class Uploader:
                         committing[current.tid] = current
                         current = None
                         continue
-                    d = self._pump(link, current, chunk, window, s)
+                    d = self._pump(link, current, chunk, credit, s)
                     if current.state == "vanished":
                         log.error("%s changed on disk while uploading; skipped this run",
                                   current.b.key)
@@ -447,7 +447,7 @@ class Uploader:
                 m = link.recv(wait)
                 while m is not None:
                     last_rx = self._clock()
-                    current = self._handle(m, link, current, committing, requeue, s)
+                    current = self._handle(m, link, current, committing, requeue, s, credit)
                     m = link.recv(0)
                 now = self._clock()
                 if expecting and now - last_rx > timeout:
@@ -489,13 +489,14 @@ class Uploader:
                          manifest=manifest))
         return _Up(b, self._tid, fd)
 
-    def _pump(self, link: _Link, u: _Up, chunk: int, window: int, s: UploadSummary) -> float:
+    def _pump(self, link: _Link, u: _Up, chunk: int, credit: CreditWindow,
+              s: UploadSummary) -> float:
         """Send chunks while credit and tokens allow; returns the seconds the bucket wants
         us to wait (0 when limited by credit or done)."""
         key = u.b.key
         hwm = self._hwm.get(key, 0)
         crc = self.cfg.insecure  # CURVE already authenticates every byte
-        while u.pos < u.b.size and u.pos - u.acked < window:
+        while u.pos < u.b.size and u.pos - u.acked < credit.chunks * chunk:
             n = min(chunk, u.b.size - u.pos)
             if self.bucket is not None:
                 d = self.bucket.try_take(n)
@@ -514,6 +515,7 @@ class Uploader:
                 s.resent_bytes += again
                 self.metrics.bytes_resent.inc(again)
             u.pos += n
+            credit.on_send(u.pos)
             hwm = max(hwm, u.pos)
             s.bytes_sent += n
             self.metrics.bytes_sent.inc(n)
@@ -522,7 +524,7 @@ class Uploader:
 
     def _handle(self, m: Message, link: _Link, current: _Up | None,
                 committing: dict[int, _Up], requeue: Callable[..., None],
-                s: UploadSummary) -> _Up | None:
+                s: UploadSummary, credit: CreditWindow) -> _Up | None:
         """Apply one server message; returns the (possibly cleared) current transfer."""
         t = m.type
         tid = m.get("tid")
@@ -538,6 +540,7 @@ class Uploader:
                 return None
             cur.pos = cur.acked = off
             cur.state = "sending"
+            credit.restart()
             if off:
                 log.info("%s: resuming at %d of %d bytes", cur.b.key, off, cur.b.size)
             return current
@@ -545,6 +548,7 @@ class Uploader:
             if m["off"] > cur.acked:
                 self._last_progress = self._clock()
             cur.acked = max(cur.acked, min(m["off"], cur.pos))
+            credit.on_ack(cur.acked)
             self._saved_progress(cur)
             return current
         if t == "nack" and cur is not None and cur.state == "sending":
@@ -552,6 +556,7 @@ class Uploader:
                      m["code"], cur.pos)
             self.metrics.failures.labels(m["code"][:32]).inc()
             cur.pos = cur.acked = min(m["off"], cur.b.size)
+            credit.restart()
             return current
         if t == "have" and cur is not None:
             os.close(cur.fd)

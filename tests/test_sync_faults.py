@@ -5,7 +5,6 @@ every stored hash verified, and the uploader recovered by itself."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -22,18 +20,9 @@ import zmq
 from sync import keys as keylib
 from sync.ingest import IngestServer
 from sync.protocol import SERVER_TYPES, Limits, decode, encode
-from sync.testing import (FaultProxy, MemoryStorage, free_port, ingest_config, make_bundle,
-                          make_keys, sync_config, verify_store)
+from sync.testing import (FaultProxy, IngestProcess, MemoryStorage, ingest_config,
+                          make_bundle, make_keys, sync_config, verify_store)
 from sync.uploader import Uploader
-
-SERVER = """
-import sys, threading
-from sync.ingest import IngestServer
-from sync.ingest_config import load_ingest_config
-IngestServer(load_ingest_config(sys.argv[1])).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
 
 UPLOADER = """
 import sys
@@ -65,39 +54,6 @@ def assert_all_stored_once(be, spool, n):
     assert len(list(spool.glob("*/*.uploaded"))) == n
 
 
-class ServerProcess:
-    """An ingest server in its own process, killed with SIGKILL and restarted on the same
-    port and directories."""
-
-    def __init__(self, root: Path, keyset: dict[str, Path]):
-        self.port = free_port()
-        self.toml = root / "ingest.toml"
-        self.toml.write_text(f'''
-listen = "tcp://127.0.0.1:{self.port}"
-server_secret_key_file = "{keyset['server_secret']}"
-clients_dir = "{keyset['clients_dir']}"
-staging_dir = "{root / 'staging'}"
-[storage.options]
-root = "{root / 'store'}"
-''')
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(self.toml)],
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "ready"
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
 def run_in_thread(up: Uploader, give_up_s: float = 60.0) -> tuple[threading.Thread, list]:
     out: list = []
     t = threading.Thread(target=lambda: out.append(up.run_once(give_up_s=give_up_s)))
@@ -109,7 +65,7 @@ def _kill_restart_cycle(tmp_path, keyset, restarts: int, n: int, size: int) -> N
     from sync import storage
 
     spool = spool_of(tmp_path, n, size)
-    srv = ServerProcess(tmp_path, keyset)
+    srv = IngestProcess(tmp_path, keyset)
     srv.start()
     up = Uploader(sync_config(srv.endpoint, keyset, chunk_kb=64, window=8,
                               bandwidth_kbps=40_000), "rig", spool)
@@ -131,8 +87,7 @@ def _kill_restart_cycle(tmp_path, keyset, restarts: int, n: int, size: int) -> N
             srv.start()
         t.join(90)
     finally:
-        if srv.proc and srv.proc.poll() is None:
-            srv.kill()
+        srv.kill()
         up.close()
     s = out[0]
     assert kills == restarts, f"upload finished after {kills} kills; make it bigger"

@@ -168,3 +168,27 @@ def test_spool_ignores_unreadable_root(tmp_path):
     make_bundle(tmp_path, "rig", "bad name", 0, 10)
     sp = Spool(tmp_path)
     assert sp.scan() == [] and sp.skipped == {"bad_id": 1}
+
+
+def test_credit_window_grows_on_fast_acks_and_shrinks_on_a_queue():
+    from sync.throttle import CreditWindow
+
+    clk = FakeClock()
+    cw = CreditWindow(8, clk)
+    assert cw.chunks == 2
+    off = 0
+    for _ in range(10):  # acks as fast as ever: no queue, open up to the maximum
+        off += 100
+        cw.on_send(off)
+        clk.t += 0.001
+        cw.on_ack(off)
+    assert cw.chunks == 8
+    for i in range(10):  # acks now take 20x longer: a queue builds, close down to 2
+        off += 100
+        cw.on_send(off)
+        clk.t += 0.02
+        cw.on_ack(off)
+    assert cw.chunks == 2
+    cw.on_ack(off + 1000)  # an ack for nothing in flight changes nothing
+    assert cw.chunks == 2
+    assert CreditWindow(1, clk).chunks == 1  # never above the configured window
