@@ -325,6 +325,8 @@ class Pipeline:
         """A snapshot for status lines, metrics and the watchdog (any thread)."""
         out: dict[str, Any] = {"session_id": self.session_id, "streams": {}}
         for name, q in self.queues.items():
+            if self.infos[name].kind.value == "clock":
+                continue  # the clock stage's own quality records, not a data stream
             drv = self._driver_of.get(name)
             out["streams"][name] = {"enqueued": q.put_count, "queue_drops": q.dropped,
                                     "queue_depth": len(q),

@@ -205,13 +205,14 @@ def test_clock_devices_and_chrony(tmp_path):
     tracking = ("A9FEA97B,169.254.169.123,4,1700000000.1,0.000012,0.000001,0.000020,"
                 "-1.2,0.001,0.02,0.0005,0.0001,64.0,Normal\n")
     run = lambda *a, **k: SimpleNamespace(returncode=0, stdout=tracking, stderr="")
-    cfg = rig(tmp_path, clock={"timebase": "ptp"})
+    cfg = rig(tmp_path, clock={"timebase": "ptp", "ptp_device": "/dev/ptp0"})
     checks = check_clock(cfg, SVC, Probe(dev_dir=str(dev), run=run,
                                          which=lambda _: "/usr/bin/chronyc"))
     by = [(c.level.value, c.detail) for c in checks]
     assert by[0][0] == "WARN" and "pps0" in by[0][1]  # present but not readable for svc
     assert by[1] == ("FAIL", f"no PTP device in {dev}")  # timebase = ptp needs one
-    assert by[2][0] == "OK" and "+0.012 ms" in by[2][1] and "stratum 4" in by[2][1]
+    assert by[2][0] == "FAIL" and "/dev/ptp0" in by[2][1]  # the configured one is absent
+    assert by[3][0] == "OK" and "+0.012 ms" in by[3][1] and "stratum 4" in by[3][1]
 
 
 def test_chrony_states():

@@ -62,15 +62,16 @@ def kill_during_record(tmp_path: Path, root: Path, after_s: float) -> Path:
 def test_kill9_then_recover(tmp_path: Path, root: Path) -> None:
     out = kill_during_record(tmp_path, root, 3.0)
     actives = list(out.rglob("*.mcap.active"))
-    assert len(actives) == 1, "a killed recorder leaves exactly its open segment"
+    # its open segment, or two while the previous window waits out its late grace
+    assert 1 <= len(actives) <= 2, actives
     for seg in out.rglob("*.mcap"):
         assert verify_segment(seg) == []
     rep = inspect_path(out)
     assert not rep["ok"] and any("unclosed segment" in p for p in rep["problems"])
     reports = recover_all(out, fsync_interval_s=0.25)
-    assert len(reports) == 1 and reports[0]["ok"], reports
+    assert len(reports) == len(actives) and all(r["ok"] for r in reports), reports
     assert not list(out.rglob("*.mcap.active"))
-    rec = Path(reports[0]["file"])
+    rec = Path(next(r for r in reversed(reports) if r.get("file"))["file"])
     assert verify_segment(rec) == []
     man = json.loads(manifest_path(rec).read_text())
     assert man["recovered"] is True
