@@ -148,6 +148,54 @@ def test_offer_returns_while_worker_is_stuck() -> None:
         gate.set()
 
 
+@register("test.pipelined")
+class PipelinedLabeler(Labeler):
+    """Its ``label`` of sample n waits until ``prepare`` of sample n+1 has run: this only
+    finishes when the pool overlaps the two stages on two threads."""
+
+    suffix = "pipe"
+    pipelined = True
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.prepared: dict[int, threading.Event] = {}
+        self.threads: set[str] = set()
+        self.got: list[Any] = []
+
+    def accepts(self, info: StreamInfo) -> bool:
+        return True
+
+    def output_encoding(self) -> tuple[str, dict[str, Any]]:
+        return "json", {}
+
+    def prepare(self, sample: Sample) -> Any:
+        self.threads.add("prepare:" + threading.current_thread().name.split(":")[0])
+        self.prepared.setdefault(sample.seq, threading.Event()).set()
+        return {"seq": sample.seq}
+
+    def label(self, sample: Sample, prepared: Any = None) -> list[Sample]:
+        self.threads.add("label:" + threading.current_thread().name.split(":")[0])
+        self.got.append(prepared)
+        if sample.seq < 3:
+            assert self.prepared.setdefault(sample.seq + 1, threading.Event()).wait(5)
+        return []
+
+
+def test_pipelined_labeler_prepares_ahead() -> None:
+    pool = LabelerPool.from_config([LabelerConfig(kind="test.pipelined", streams=["/cam"],
+                                                  queue_size=10)])
+    pool.plan([StreamInfo("/cam", StreamKind.CAMERA, "jpeg", 30.0)])
+    pool.start()
+    for i in range(4):
+        pool.offer(Sample("/cam", b"x", 1, seq=i, t_ns=i + 1))
+    assert pool.wait_idle(10)
+    pool.stop()
+    lab = pool.workers[0].labeler
+    assert lab.got == [{"seq": i} for i in range(4)]
+    assert lab.threads == {"prepare:labeler-prep", "label:labeler"}
+    assert pool.stats()["test.pipelined#0"]["labeled"] == 4
+
+
 def _pool(**cfg: Any) -> LabelerPool:
     pool = LabelerPool.from_config([LabelerConfig(kind="test.slow", streams=["/cam"],
                                                   options={"delay_s": 0.0}, **cfg)])

@@ -38,8 +38,12 @@ from agent.config import LabelerConfig
 from agent.errors import EdgecapError
 from agent.types import Sample, StreamInfo, StreamKind
 
-__all__ = ["Labeler", "LabelerError", "LabelerOptions", "LabelContext", "ModelInfo",
+__all__ = ["UNSET", "Labeler", "LabelerError", "LabelerOptions", "LabelContext", "ModelInfo",
            "create", "detection", "get", "known_keys", "label_stream", "register"]
+
+
+#: ``Labeler.label(sample)`` called without a prepared input
+UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
 
 
 class LabelerError(EdgecapError):
@@ -153,6 +157,9 @@ class Labeler(ABC):
     kind: ClassVar[str] = ""
     suffix: ClassVar[str] = ""
     stateful: ClassVar[bool] = False
+    #: the pool runs ``prepare`` of the next sample on a second thread while ``label``
+    #: runs the model (whose session releases the GIL) on the current one
+    pipelined: ClassVar[bool] = False
     Options: ClassVar[type[LabelerOptions]] = LabelerOptions
 
     def __init__(self, cfg: LabelerConfig):
@@ -191,9 +198,17 @@ class Labeler(ABC):
     def out_stream(self, source: str, suffix: str | None = None) -> str:
         return label_stream(source, suffix or self.suffix)
 
+    def prepare(self, sample: Sample) -> Any:
+        """Model-free work on a sample (decode, resize), for ``pipelined`` labelers: called
+        on the pool's prepare thread, one sample ahead of ``label``. Returns what ``label``
+        takes as ``prepared``; None for bad input. Default: nothing to prepare."""
+        return None
+
     @abstractmethod
-    def label(self, sample: Sample) -> list[Sample]:
-        """Label one sample (worker thread; CPU-bound, never waits on I/O)."""
+    def label(self, sample: Sample, prepared: Any = UNSET) -> list[Sample]:
+        """Label one sample (worker thread; CPU-bound, never waits on I/O). ``prepared`` is
+        what ``prepare`` returned for it, or ``UNSET`` when called alone (then the labeler
+        prepares inline)."""
 
     def flush(self) -> list[Sample]:
         """Labels still held back (an open speech segment), asked for once at stop on the

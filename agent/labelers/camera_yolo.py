@@ -11,12 +11,15 @@ Pipeline per frame: JPEG decoded at 1/2, 1/4 or 1/8 size when the letterboxed in
 much smaller (``cv2.IMREAD_REDUCED_COLOR_*``: the decoder skips the work), letterbox
 (aspect kept, centred, grey 114 padding), ONNX run, confidence filter, class-aware NMS
 (``cv2.dnn.NMSBoxesBatched``), boxes mapped back to source pixels → ImageAnnotations.
+Decoding and letterboxing are the labeler's ``prepare`` step: the pool runs it for the next
+frame on a second thread while the model runs on the current one.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,8 @@ from pydantic import Field
 
 from agent.types import Sample, StreamInfo, StreamKind
 
-from . import Labeler, LabelerError, LabelerOptions, ModelInfo, detection, make_label, register
+from . import (UNSET, Labeler, LabelerError, LabelerOptions, ModelInfo, detection, make_label,
+               register)
 from ._foxglove import image_annotations
 from ._onnx import metadata, parse_names, session
 
@@ -186,34 +190,57 @@ class YoloDetector:
         x = cv2.dnn.blobFromImage(canvas, 1 / 255.0, swapRB=True)  # NCHW float32 RGB
         return x, s, px, py
 
-    # -- inference ------------------------------------------------------------------
-    def detect(self, bgr: np.ndarray, factor: float = 1.0) -> list[dict[str, Any]]:
-        """Detections on a BGR image; boxes are multiplied by ``factor`` (reduced decode)."""
+    def prepare(self, bgr: np.ndarray, factor: float = 1.0) -> Prepared:
+        """Model-free half of :meth:`detect` (any thread)."""
         x, s, px, py = self.preprocess(bgr)
-        out = self.sess.run(None, {self.input_name: x})[0]
+        return Prepared(x, s, px, py, factor, bgr.shape[1], bgr.shape[0])
+
+    def prepare_jpeg(self, data: bytes) -> Prepared | None:
+        img, factor = self.decode_jpeg(data)
+        return None if img is None else self.prepare(img, factor)
+
+    # -- inference ------------------------------------------------------------------
+    def run(self, p: Prepared) -> list[dict[str, Any]]:
+        """Model and post-processing: detections with boxes in source pixels."""
+        out = self.sess.run(None, {self.input_name: p.x})[0]
         boxes, scores, cls = decode_yolo(out, len(self.names), self.options.conf,
                                          self.options.iou, self.options.max_det)
-        h, w = bgr.shape[:2]
         res = []
         for b, sc, c in zip(boxes, scores, cls):
             name = self.names[int(c)]
             if self.keep is not None and name not in self.keep:
                 continue
-            x0 = float(np.clip((b[0] - px) / s, 0, w)) * factor
-            y0 = float(np.clip((b[1] - py) / s, 0, h)) * factor
-            x1 = float(np.clip((b[2] - px) / s, 0, w)) * factor
-            y1 = float(np.clip((b[3] - py) / s, 0, h)) * factor
+            x0 = float(np.clip((b[0] - p.pad_x) / p.scale, 0, p.w)) * p.factor
+            y0 = float(np.clip((b[1] - p.pad_y) / p.scale, 0, p.h)) * p.factor
+            x1 = float(np.clip((b[2] - p.pad_x) / p.scale, 0, p.w)) * p.factor
+            y1 = float(np.clip((b[3] - p.pad_y) / p.scale, 0, p.h)) * p.factor
             if x1 - x0 < 1 or y1 - y0 < 1:
                 continue
             res.append({"cls": name, "score": float(sc),
                         "box": [round(x0, 1), round(y0, 1), round(x1, 1), round(y1, 1)]})
         return res
 
+    def detect(self, bgr: np.ndarray, factor: float = 1.0) -> list[dict[str, Any]]:
+        """Detections on a BGR image; boxes are multiplied by ``factor`` (reduced decode)."""
+        return self.run(self.prepare(bgr, factor))
+
     def detect_jpeg(self, data: bytes) -> list[dict[str, Any]] | None:
-        img, factor = self.decode_jpeg(data)
-        if img is None:
-            return None
-        return self.detect(img, factor)
+        p = self.prepare_jpeg(data)
+        return None if p is None else self.run(p)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame ready for the model: input tensor and how to map boxes back
+    (``source = (input - pad) / scale × factor``, clipped to ``w × h`` decoded pixels)."""
+
+    x: np.ndarray
+    scale: float
+    pad_x: float
+    pad_y: float
+    factor: float
+    w: int
+    h: int
 
 
 def image_of(sample: Sample, encoding: str) -> tuple[np.ndarray | None, bytes | None]:
@@ -238,6 +265,7 @@ class CameraYolo(Labeler):
 
     suffix = "yolo"
     Options = YoloOptions
+    pipelined = True
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -251,20 +279,22 @@ class CameraYolo(Labeler):
             self._enc[info.name] = info.encoding
         return ok
 
-    def label(self, sample: Sample) -> list[Sample]:
-        enc = self._enc.get(sample.stream, "jpeg")
-        arr, data = image_of(sample, enc)
+    def prepare(self, sample: Sample) -> Prepared | None:
+        """Decode and letterbox (the pool's prepare thread); None for bad input."""
+        arr, data = image_of(sample, self._enc.get(sample.stream, "jpeg"))
         if data is not None:
-            dets = self.det.detect_jpeg(data)
-        elif arr is not None and arr.ndim == 3:
-            dets = self.det.detect(arr)
-        else:
-            dets = None
-        if dets is None:
+            return self.det.prepare_jpeg(data)
+        if arr is not None and arr.ndim == 3:
+            return self.det.prepare(arr)
+        return None
+
+    def label(self, sample: Sample, prepared: Any = UNSET) -> list[Sample]:
+        p = self.prepare(sample) if prepared is UNSET else prepared
+        if p is None:
             self.bad_input += 1
             return []
         full = [detection(sample.stream, sample.t_ns, self.kind, d["cls"], d["score"],
-                          box=d["box"]) for d in dets]
+                          box=d["box"]) for d in self.det.run(p)]
         msg = image_annotations(sample.t_ns, full, self.model, self.kind, sample.stream,
                                 self.det.names)
         return [make_label(sample, self.out_stream(sample.stream), msg, full)]

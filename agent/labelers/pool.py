@@ -2,7 +2,8 @@
 
     reader thread ──tap: offer(sample)──▶ sampling policy (every_n, max_rate_hz)
         ──▶ bounded per-labeler queue (full: the oldest waiting sample is skipped, counted)
-    worker thread (one per labeler) ──label()──▶ label Samples ──▶ pipeline.push
+    worker thread (one per labeler; + a prepare thread if pipelined) ──label()──▶ labels
+        ──▶ pipeline.push
                                                         ├──▶ latest/nearest store
                                                         ├──▶ subscribers (triggers)
                                                         └──▶ chained labelers (fusion)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -29,7 +31,7 @@ import numpy as np
 from agent.config import LabelerConfig, RigConfig
 from agent.types import Sample, StreamInfo
 
-from . import Labeler, LabelerError, create
+from . import UNSET, Labeler, LabelerError, create
 
 log = logging.getLogger("edgecap.labelers")
 
@@ -62,6 +64,8 @@ class _Worker:
     queue: deque[Sample] = field(default_factory=deque)
     cond: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
+    prep_thread: threading.Thread | None = None
+    handoff: queue.Queue[Any] | None = None
     labeled: int = 0
     labels_out: int = 0
     errors: int = 0
@@ -189,12 +193,23 @@ class LabelerPool:
         return outs
 
     def start(self) -> None:
+        """Start one worker thread per labeler; a ``pipelined`` labeler gets a second one
+        that runs ``prepare`` (decode, resize) for the next sample while the first runs
+        the model on the current one."""
         if self._started:
             return
         self._started = True
         self._stopping.clear()
         for w in self.workers:
-            w.thread = threading.Thread(target=self._run, args=(w,), daemon=True,
+            if w.labeler.pipelined:
+                w.handoff = queue.Queue(maxsize=1)
+                w.prep_thread = threading.Thread(target=self._prepare_loop, args=(w,),
+                                                 daemon=True, name=f"labeler-prep:{w.name}")
+                w.prep_thread.start()
+                target = self._infer_loop
+            else:
+                target = self._run
+            w.thread = threading.Thread(target=target, args=(w,), daemon=True,
                                         name=f"labeler:{w.name}")
             w.thread.start()
 
@@ -208,8 +223,9 @@ class LabelerPool:
             with w.cond:
                 w.cond.notify_all()
         for w in self.workers:
-            if w.thread is not None:
-                w.thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+            for t in (w.prep_thread, w.thread):
+                if t is not None:
+                    t.join(max(0.0, deadline - time.monotonic()) + 1.0)
         for w in self.workers:
             with w.cond:  # whatever did not get labeled in time is counted as skipped
                 for s in w.queue:
@@ -259,32 +275,58 @@ class LabelerPool:
                 w.cond.notify()
 
     # -- workers ----------------------------------------------------------------------
+    def _next(self, w: _Worker) -> Sample | None:
+        """The next queued sample; None when stopping and drained (or out of time)."""
+        with w.cond:
+            while not w.queue and not self._stopping.is_set():
+                w.cond.wait(0.5)
+            if not w.queue:
+                return None
+            if self._stopping.is_set() and time.monotonic() > self._drain_deadline:
+                return None  # stop() counts what is left as skipped
+            return w.queue.popleft()
+
     def _run(self, w: _Worker) -> None:
-        while True:
-            with w.cond:
-                while not w.queue and not self._stopping.is_set():
-                    w.cond.wait(0.5)
-                if not w.queue:
-                    break
-                if self._stopping.is_set() and time.monotonic() > self._drain_deadline:
-                    break  # stop() counts what is left as skipped
-                s = w.queue.popleft()
-            self._label_one(w, s)
+        while (s := self._next(w)) is not None:
+            self._label_one(w, s, UNSET)
+        self._flush(w)
+
+    def _prepare_loop(self, w: _Worker) -> None:
+        assert w.handoff is not None
+        while (s := self._next(w)) is not None:
+            try:
+                prepared = w.labeler.prepare(s)
+            except Exception as e:
+                self._failed(w, s, e)
+                continue
+            w.handoff.put((s, prepared))  # waits only for this labeler's own model thread
+        w.handoff.put(None)
+
+    def _infer_loop(self, w: _Worker) -> None:
+        assert w.handoff is not None
+        while (item := w.handoff.get()) is not None:
+            self._label_one(w, item[0], item[1])
+        self._flush(w)
+
+    def _flush(self, w: _Worker) -> None:
         try:
             self._publish(w, w.labeler.flush(), None)
         except Exception:
             w.errors += 1
             log.exception("%s: flush failed", w.name)
 
-    def _label_one(self, w: _Worker, s: Sample) -> None:
+    def _failed(self, w: _Worker, s: Sample, e: Exception) -> None:
+        w.errors += 1
+        if w.errors <= 5 or w.errors % 1000 == 0:
+            log.warning("%s: labeling %s failed (%d so far): %s", w.name, s.stream,
+                        w.errors, e)
+
+    def _label_one(self, w: _Worker, s: Sample, prepared: Any) -> None:
         t0 = time.monotonic_ns()
         try:
-            labels = w.labeler.label(s)
+            labels = w.labeler.label(s) if prepared is UNSET else w.labeler.label(s, prepared)
         except Exception as e:  # a labeler bug must not take the agent down
-            w.errors += 1
-            if w.errors <= 5 or w.errors % 1000 == 0:
-                log.warning("%s: labeling %s failed (%d so far): %s", w.name, s.stream,
-                            w.errors, e)
+            self._failed(w, s, e)
             return
         now = time.monotonic_ns()
         w.busy_ns += now - t0

@@ -40,42 +40,42 @@ class Item:
 
 
 def random_scenario(rng: np.random.Generator) -> tuple[Scenario, float]:
-    """A random street: the vehicle stands at the origin facing east on a road that goes
-    straight, turns or crosses; 1–12 objects of the four classes in front of and beside
-    it. Returns the scenario and the time to render."""
-    turn_at = float(rng.uniform(20, 120))
-    side = float(rng.choice([-1, 1])) * float(rng.uniform(20, 90))
-    wps = [Waypoint(x=0, y=0, stop_s=5.0), Waypoint(x=turn_at, y=0)]
-    kind = rng.random()
-    if kind < 0.4:
-        wps.append(Waypoint(x=turn_at, y=side))
-    elif kind < 0.7:
-        wps += [Waypoint(x=turn_at, y=side), Waypoint(x=turn_at, y=-side),
-                Waypoint(x=turn_at + 120, y=-side)]
-    else:
-        wps.append(Waypoint(x=turn_at + 150, y=0))
+    """A random street and a moment on it: a road of 2–4 legs with random turns, the vehicle
+    somewhere along it — or stopped at its end, facing open ground (as at the end of a HIL
+    drive) — and 0–12 objects of the four classes placed around the vehicle, mostly ahead.
+    Returns the scenario and the time to render."""
+    wps = [Waypoint(x=0, y=0)]
+    heading = 0.0
+    x = y = 0.0
+    for _ in range(int(rng.integers(2, 5))):
+        length = float(rng.uniform(30, 140))
+        x, y = x + length * math.cos(heading), y + length * math.sin(heading)
+        wps.append(Waypoint(x=x, y=y, speed_mps=10.0))
+        heading += float(rng.choice([-1, 1])) * float(rng.uniform(0.3, math.pi / 2))
+    road = Scenario(name="train", duration_s=10, origin=Origin(lat=48.0, lon=11.0),
+                    trajectory=wps)
+    world = World(road)
+    t_s = (world.path_end_s + 5.0 if rng.random() < 0.2
+           else float(rng.uniform(0, world.path_end_s)))
+    pose = world.pose(t_s)
+    c, s = math.cos(pose.yaw), math.sin(pose.yaw)
     objs = []
-    n = int(rng.integers(1, 13))
-    for k in range(n):
+    for k in range(int(rng.integers(0, 13))):
         cls = CLASSES[int(rng.choice(4, p=CLASS_P))]
-        base = np.array(SIZES[cls])
-        size = tuple(float(v) for v in base * rng.uniform(0.85, 1.15, 3))
+        size = tuple(float(v) for v in np.array(SIZES[cls]) * rng.uniform(0.85, 1.15, 3))
         # distance: many near, some far (the camera sees 5–120 m)
         d = float(4 + 110 * rng.random() ** 1.6)
         lat = float(rng.uniform(-1, 1) * (3 + 0.35 * d))
-        on_road = cls in ("car", "cyclist") and rng.random() < 0.6
-        if on_road:
+        yaw = float(rng.uniform(-math.pi, math.pi))
+        if cls in ("car", "cyclist") and rng.random() < 0.6:  # in a lane, along the road
             lat = float(rng.choice([-3.5, 3.5]) + rng.normal(0, 0.6))
             yaw = float(rng.choice([0, math.pi]) + rng.normal(0, 0.15))
-        else:
-            yaw = float(rng.uniform(-math.pi, math.pi))
         if cls == "sign":
             yaw = float(rng.choice([math.pi / 2, -math.pi / 2, 0.0]) + rng.normal(0, 0.3))
-        objs.append(WorldObject(id=f"o{k}", cls=cls, size=size, position=(d, lat, 0.0),
-                                yaw=yaw))
-    sc = Scenario(name="train", duration_s=10, origin=Origin(lat=48.0, lon=11.0),
-                  trajectory=wps, objects=objs)
-    return sc, 1.0
+        objs.append(WorldObject(id=f"o{k}", cls=cls, size=size,
+                                position=(pose.x + c * d - s * lat, pose.y + s * d + c * lat,
+                                          0.0), yaw=pose.yaw + yaw))
+    return road.model_copy(update={"objects": objs}), t_s
 
 
 N_CAMERAS = 8  # the renderer caches the sky/ground of up to 8 cameras: stay within it

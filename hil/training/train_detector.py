@@ -88,8 +88,8 @@ def build_targets(boxes: np.ndarray, cls: np.ndarray, ignore: np.ndarray, in_h: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--images", type=int, default=2400)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
