@@ -234,6 +234,9 @@ class IngestServer:
 
     def _teardown_ctx(self, router: zmq.Socket) -> None:
         router.close(0)
+        if self._own_backend and self._backend is not None:
+            self._backend.close()
+            self._backend = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -420,13 +423,14 @@ class IngestServer:
                                 f"key {peer.key_name!r} may upload only as that device")
         if peer.device not in (None, device) and peer.transfers:
             raise ProtocolError("device_mismatch", "hello for another device mid-transfer")
-        if peer.device is None:
-            same_key = [p for p in self._peers.values() if p.device and p.user == peer.user
-                        and p is not peer]
+        if peer.device is None:  # insecure peers have no key: group them by device
+            same_key = [p for p in self._peers.values() if p.device and p is not peer and
+                        (p.user == peer.user if peer.user else p.device == device)]
             while len(same_key) >= lim.max_peers_per_key:  # a reconnect supersedes the
                 self._drop_peer(same_key.pop(0))             # oldest link of that key
-            if sum(1 for p in self._peers.values() if p.device) >= lim.max_peers:
-                raise ProtocolError("busy", "too many peers")
+        if peer.device is None and \
+                sum(1 for p in self._peers.values() if p.device) >= lim.max_peers:
+            raise ProtocolError("busy", "too many peers")
         peer.device = device
         self.metrics.peers.set(sum(1 for p in self._peers.values() if p.device))
         log.info("hello from %s as device %s", peer.key_name, device)

@@ -89,7 +89,8 @@ class UploadSummary:
     outside_window: bool = False
     error: str = ""
     seconds: float = 0.0
-    bundles: list[str] = field(default_factory=list)
+    bundles: list[str] = field(default_factory=list)  # acknowledged, in ack order
+    offered: list[str] = field(default_factory=list)  # first offers, in priority order
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,9 +267,11 @@ class Uploader:
         self._stop.set()
 
     def close(self) -> None:
+        """Close the connection and save the state file. Idempotent."""
         self._drop_link()
         self.state.save()
-        self._ctx.term()
+        if not self._ctx.closed:
+            self._ctx.term()
 
     def __enter__(self) -> "Uploader":
         return self
@@ -482,6 +485,8 @@ class Uploader:
             gave_up.add(b.key)
             return None
         self._tid = (self._tid + 1) % (1 << 31)
+        if b.key not in s.offered:
+            s.offered.append(b.key)
         if b.key not in self._hwm:
             self._hwm[b.key] = self.state.get(b.key, b.sha256)["sent"]
         link.send(encode("offer", tid=self._tid, session=b.session, bundle=b.bundle,

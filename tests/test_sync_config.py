@@ -146,3 +146,15 @@ def test_server_key_errors_before_any_thread(tmp_path):
     with pytest.raises(ConfigError) as ei:
         IngestServer(cfg).start()
     assert "server_secret_key_file" in problems(ei)
+
+
+def test_edge_side_never_imports_the_fleet_side():
+    import subprocess
+    import sys
+
+    code = ("import sys, sync.uploader, sync.spool; "
+            "print(sorted(m for m in sys.modules if m.startswith(('sync.ingest', "
+            "'sync.storage', 'boto3'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
