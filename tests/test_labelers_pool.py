@@ -3,6 +3,7 @@ subscribers, chaining, and labels recorded beside the raw data."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from agent.config import LabelerConfig, parse_config
 from agent.labelers import (Labeler, LabelerError, LabelerOptions, create, detection,
                             label_stream, make_label, register)
 from agent.labelers.pool import LabelerPool
+from agent.manifest import manifest_path
 from agent.pipeline import Pipeline
 from agent.types import Sample, StreamInfo, StreamKind
 
@@ -115,6 +117,16 @@ def test_saturation_never_drops_raw_samples(tmp_path: Path) -> None:
     for o in outs:
         src = o.params["source"]
         assert set(recorded.get(o.name, [])) <= raw_t[src], "label t_ns = its sample's"
+
+    # every bundle's manifest carries the labeler's counters beside each label stream
+    per_stream = ps["streams"]["/camera/front"]
+    last: dict[str, int] = {}
+    for seg in sorted(pipe.session_dir.glob("*.mcap")):
+        man = json.loads(manifest_path(seg).read_text())
+        last = man["streams"]["/labels/camera/front/slow"].get("device_total", last)
+    assert last["skipped"] == per_stream["skipped"] > 0
+    assert last["labeled"] == per_stream["labeled"]
+    assert last["offered"] == per_stream["offered"] == st["/camera/front"]["received"]
 
 
 def test_offer_returns_while_worker_is_stuck() -> None:

@@ -53,6 +53,7 @@ class _Route:
     offered: int = 0
     sampled_out: int = 0
     skipped: int = 0
+    labeled: int = 0
 
 
 @dataclass
@@ -90,6 +91,7 @@ class LabelerPool:
         self.infos: dict[str, StreamInfo] = {}
         self.outputs: list[StreamInfo] = []
         self._routes: dict[str, list[tuple[_Worker, _Route]]] = {}
+        self._producer: dict[str, _Worker] = {}
         self._subs: list[Subscriber] = []
         self._history: dict[str, deque[tuple[Sample, list[dict[str, Any]]]]] = {}
         self._hist_lock = threading.Lock()
@@ -153,6 +155,7 @@ class LabelerPool:
                         if out.name not in self.infos:
                             self.infos[out.name] = out
                             self.outputs.append(out)
+                            self._producer[out.name] = w
                             changed = True
         for w in self.workers:
             for s in w.cfg.streams:
@@ -177,7 +180,7 @@ class LabelerPool:
         for info in outs:
             q = pipeline.add_stream(info, LABEL_QUEUE_ITEMS, LABEL_QUEUE_BYTES, "drop_oldest")
             if rec is not None:  # the recorder was made in open(): register late streams
-                rec.add_stream(info, q)
+                rec.add_stream(info, q, counters=lambda n=info.name: self.counters(n))
                 rec.metadata.setdefault("edgecap.streams", {})[info.name] = json.dumps(
                     {"kind": info.kind.value, "encoding": info.encoding,
                      "rate_hz": info.rate_hz,
@@ -331,6 +334,9 @@ class LabelerPool:
         now = time.monotonic_ns()
         w.busy_ns += now - t0
         w.labeled += 1
+        r = w.routes.get(s.stream)
+        if r is not None:
+            r.labeled += 1
         rx = s.meta.get("source_host_rx_ns") or s.host_rx_ns
         if rx:
             w.latencies_ns.append(now - rx)
@@ -395,6 +401,22 @@ class LabelerPool:
             return None
         return best
 
+    def counters(self, label_stream: str) -> dict[str, int]:
+        """Loss counters behind ``label_stream`` (the recorder puts them in each manifest
+        beside the stream): samples of its source offered to the labeler, labeled, skipped
+        (queue full or stopping), sampled out by policy; the labeler's errors and bad
+        input."""
+        w = self._producer.get(label_stream)
+        if w is None:
+            return {}
+        src = self.infos[label_stream].params.get("source", "")
+        rs = [r for name, r in w.routes.items()
+              if name == src or self.infos[name].params.get("source") == src]
+        return {"offered": sum(r.offered for r in rs), "labeled": sum(r.labeled for r in rs),
+                "skipped": sum(r.skipped for r in rs),
+                "sampled_out": sum(r.sampled_out for r in rs), "errors": w.errors,
+                "bad_input": w.labeler.bad_input}
+
     def queued(self) -> int:
         return sum(len(w.queue) for w in self.workers)
 
@@ -431,7 +453,8 @@ class LabelerPool:
                 "latency_ms_p99": round(float(np.percentile(lat, 99)) / 1e6, 2) if lat.size
                 else None,
                 "streams": {r.stream: {"offered": r.offered, "sampled_out": r.sampled_out,
-                                       "skipped": r.skipped} for r in w.routes.values()},
+                                       "skipped": r.skipped, "labeled": r.labeled}
+                            for r in w.routes.values()},
             }
         return out
 
