@@ -271,3 +271,32 @@ timeout_s = 3
     bad = subprocess.run(exe + ["sync", "serve", "-c", str(tmp_path / "none.toml")],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "cannot read file" in bad.stderr
+
+
+def test_run_forever_picks_up_new_segments_and_stops(tmp_path):
+    import threading
+
+    spool = spool_with(tmp_path, [10_000])
+    with IngestServer(ingest_config(tmp_path)) as srv:
+        up = Uploader(sync_config(srv.endpoint, poll_s=0.1), "rig", spool)
+        stop = threading.Event()
+        t = threading.Thread(target=up.run_forever, args=(stop,))
+        t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not list(spool.glob(f"*/*{UPLOADED_SUFFIX}")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # the recorder closes another segment (and starts one that is still .active)
+            make_bundle(spool, "rig", "rig_s2", 0, 20_000, triggers=[{"kind": "manual"}])
+            (spool / "rig_s2" / "rig_s2_00001.mcap.active").write_bytes(b"x")
+            while len(list(spool.glob(f"*/*{UPLOADED_SUFFIX}"))) < 2 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            t.join(10)
+            up.close()
+        assert not t.is_alive()
+        check_store(srv.backend, spool, 2)
+        assert up.metrics.registry.get_sample_value(
+            "edgecap_sync_upload_pending_bundles") == 0
