@@ -9,7 +9,7 @@ Every closed segment's manifest carries ``retention``:
 - ``untriggered``: no window reached it; it is deleted ``keep_s`` after its window ended.
 
 Disk quota (``recorder.quota_gb``): when the spool is over it, segments are evicted in
-this order — uploaded ones (``<seg>.mcap.uploaded`` marker), then untriggered, then
+this order — uploaded ones (``<seg>.uploaded`` marker, written by the uploader), then untriggered, then
 records-everything ``keep`` segments without triggers, then pending, all oldest first;
 triggered segments not yet uploaded only with ``evict_triggered = true``. Every eviction is
 logged to ``<out_dir>/evictions.jsonl``. If that is not enough the recorder degrades:
@@ -35,6 +35,11 @@ from .triggers import TriggerEngine
 log = logging.getLogger("edgecap.retention")
 
 UPLOADED_SUFFIX = ".uploaded"
+
+
+def uploaded_marker(segment: Path) -> Path:
+    """``…/<name>.mcap`` → ``…/<name>.uploaded``, the uploader's durable-ack marker."""
+    return segment.with_suffix(UPLOADED_SUFFIX)
 DECISION_MARGIN_NS = 2_000_000_000  # label latency allowance before deciding
 
 
@@ -156,8 +161,7 @@ class Retention:
         seg.retention, seg.triggers = state, names
 
     def _delete(self, seg: _Seg, reason: str) -> None:
-        for p in (seg.path, manifest_path(seg.path),
-                  seg.path.with_name(seg.path.name + UPLOADED_SUFFIX)):
+        for p in (seg.path, manifest_path(seg.path), uploaded_marker(seg.path)):
             p.unlink(missing_ok=True)
         with self._lock:
             self.segments.pop(seg.path, None)
@@ -178,8 +182,7 @@ class Retention:
         """Segments in the order the quota evicts them (see the module doc)."""
         with self._lock:
             segs = sorted(self.segments.values(), key=lambda s: s.window[0])
-        uploaded = [s for s in segs
-                    if s.path.with_name(s.path.name + UPLOADED_SUFFIX).exists()]
+        uploaded = [s for s in segs if uploaded_marker(s.path).exists()]
         rest = [s for s in segs if s not in uploaded]
         order = uploaded
         order += [s for s in rest if s.retention == "untriggered"]

@@ -126,6 +126,10 @@ class Spool:
             problems.append("triggers is not a list")
         if problems:
             return self._skip(mpath, "bad_manifest", "; ".join(problems))
+        if man.get("retention", "keep") != "keep":
+            # the recorder has not decided yet (pending a trigger window) or will expire
+            # it (untriggered): normal, not worth a warning; re-read when it changes
+            return "retention_" + str(man.get("retention"))
         try:
             seg_stat = seg.stat()
         except OSError:

@@ -87,7 +87,7 @@ def test_quota_eviction_order_and_degrade(tmp_path: Path) -> None:
         "pend": _fake_segment(tmp_path, "pend", 2, 1000, "pending"),
         "plain": _fake_segment(tmp_path, "plain", 3, 1000, "keep"),
     }
-    (tmp_path / "up.mcap.uploaded").write_text("")
+    (tmp_path / "up.uploaded").write_text("")
     for p, man in segs.values():
         ret.on_closed(p, man)
     order = [s.path.stem for s in ret.eviction_order()]
@@ -140,3 +140,21 @@ def test_manual_trigger_keeps_its_window_and_expires_the_rest(tmp_path: Path) ->
     assert not any(m["window_end_ns"] < t_trig - 3 * S for m in mans.values())
     ev = (tmp_path / "evictions.jsonl").read_text()
     assert '"reason": "expired"' in ev
+
+
+def test_uploader_takes_only_decided_segments(tmp_path: Path) -> None:
+    """The spool hands the uploader a segment only once retention kept it."""
+    from sync.spool import Spool
+
+    sdir = tmp_path / "rig_20260101T000000Z_abcd"
+    sdir.mkdir()
+    p, man = _fake_segment(sdir, "rig_20260101T000000Z_abcd_00000", 0, 100, "pending")
+    man.update(device_id="rig", session_id=sdir.name, segment=p.stem)
+    write_manifest(p, man)
+    spool = Spool(tmp_path)
+    assert spool.scan() == []
+    man["retention"] = "keep"
+    man["triggers"] = ["t"]
+    write_manifest(p, man)
+    (b,) = spool.scan()
+    assert b.triggered and b.path == p
