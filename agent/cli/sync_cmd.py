@@ -78,12 +78,31 @@ def run(config: str, once: bool, spool: str | None, give_up: float,
             sys.exit(0 if s.pending == 0 and not s.auth_rejected else 1)
         click.echo(f"uploading from {up.spool.root} to {up.cfg.server} "
                    f"(Ctrl-C to stop)", err=True)
-        up.run_forever(stop)
+        loop = threading.Thread(target=up.run_forever, args=(stop,), name="uploader",
+                                daemon=True)
+        loop.start()
+        _supervise(loop, stop)
+        up.stop()
+        loop.join(15)
         finish()
     finally:
         up.close()
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def _supervise(loop: threading.Thread, stop: threading.Event) -> None:
+    """Main thread of a service: READY=1 once its loop runs, WATCHDOG=1 while the loop
+    thread is alive (systemd restarts the service if it dies), until ``stop``."""
+    from agent.notify import Heartbeat
+
+    hb = Heartbeat()
+    hb.ready("serving")
+    while not stop.wait(1.0):
+        if loop is None or not loop.is_alive():
+            click.echo("service loop ended unexpectedly", err=True)
+            sys.exit(1)
+        hb.beat()
 
 
 def _progress() -> tuple[Any, Any]:
@@ -135,9 +154,13 @@ def serve(config: str) -> None:
         f"allow-list reloaded: {srv.reload_keys()} key(s)", err=True))
     _metrics_server(cfg.metrics_port, srv.metrics.registry)
     try:
-        srv.serve_forever(stop)
+        srv.start()
     except EdgecapError as e:
         _fail(e)
+    try:
+        _supervise(srv._thread, stop)
+    finally:
+        srv.stop()
 
 
 @sync_group.command("ls")
