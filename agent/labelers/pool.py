@@ -128,9 +128,11 @@ class LabelerPool:
         configured stream is absent or no labeler input matched.
         """
         self.infos = {i.name: i for i in infos}
+        self._routes, self._producer = {}, {}
         ctx = _Context(self)
         for w in self.workers:
             w.labeler.context = ctx
+            w.routes = {}
         self.outputs = []
         done: set[tuple[str, str]] = set()
         changed = True
