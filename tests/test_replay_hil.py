@@ -261,3 +261,52 @@ def _truth_by_key(run_dir: Path, dev: str) -> dict[int, int]:
         if r.get("type") == "sample" and "true_ns" in r:
             out[r["device_ns"] if dev == "gps" else r["seq"]] = r["true_ns"]
     return out
+
+
+def test_audio_replays_into_the_null_sink(tmp_path: Path) -> None:
+    """The recorded PCM plays into the PulseAudio null sink on its schedule; the real
+    audio driver records it back: the same samples (aligned by cross-correlation) and the
+    same amount of audio."""
+    from hil.pulse import pulse_unavailable
+    from hil.replay import SensorReplay
+    from test_replay_fixture import make_session
+
+    if pulse_unavailable():
+        pytest.skip(pulse_unavailable())
+    src = make_session(tmp_path / "src", duration_s=2.0, labels=False, rear=False)
+    rep = SensorReplay(src.session_dir, tmp_path / "run", devices={"audio"}, start_delay_s=2.0)
+    uris = rep.start()
+    try:
+        cfg = parse_config({
+            "device_id": "hil-replay-audio",
+            "streams": [{"name": "/mic", "driver": "audio.sounddevice", "uri": uris["audio"],
+                         "queue_size": 512,
+                         "options": {"pulse_server": uris["audio_pulse_server"],
+                                     "sample_rate": 48000, "channels": 1, "block": 480}}],
+            "recorder": {"out_dir": str(tmp_path / "again"), "window_s": 5.0},
+            "operations": {"metrics_port": 0}})
+        pipe = Pipeline(cfg, out_dir=tmp_path / "again")
+        pipe.open()
+        pipe.start()
+        try:
+            assert rep.wait(15.0)
+            time.sleep(0.5)
+        finally:
+            pipe.stop()
+    finally:
+        sent = rep.stop()
+    want = np.concatenate([s.payload[:, 0] for s in src.samples["/mic"]]).astype(np.float64)
+    got = np.concatenate([s.payload[:, 0] for s in _by_stream(pipe.session_dir)["/mic"]]
+                         ).astype(np.float64)
+    assert sent["audio"]["blocks_recorded"] == len(src.samples["/mic"])
+    # where the replayed audio starts in the recording: near the signal's onset (the
+    # tone repeats, so the lag is searched within ±2000 samples of it only)
+    onset = int(np.argmax(np.abs(got) > 1000))
+    lo = max(0, onset - 2000)
+    corr = np.correlate(got[lo:onset + 2000 + 4800], want[:4800], mode="valid")
+    aligned = got[lo + int(np.argmax(corr)):][:len(want)]
+    assert len(aligned) >= 0.99 * len(want)
+    n = len(aligned)
+    assert np.abs(aligned - want[:n]).max() <= 2  # s16 → float → s16 through the server
+    assert int(np.sum(np.abs(got) > 1000)) == pytest.approx(int(np.sum(np.abs(want) > 1000)),
+                                                            rel=0.02)
