@@ -287,16 +287,20 @@ def parse_config(data: dict[str, Any], path: str = "<memory>",
     return cfg
 
 
-def load_config(path: str | os.PathLike[str], check_drivers: bool = True) -> RigConfig:
-    """Read and validate a rig TOML file. Relative ``recorder.out_dir`` stays relative to
-    the current directory (as a user typing a path expects)."""
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a TOML file; ConfigError naming the file when it is unreadable or invalid."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(str(p), [("", f"cannot read file: {e.strerror}")]) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(str(p), [("", f"not valid TOML: {e}")]) from None
-    return parse_config(data, str(p), check_drivers)
+
+
+def load_config(path: str | os.PathLike[str], check_drivers: bool = True) -> RigConfig:
+    """Read and validate a rig TOML file. Relative ``recorder.out_dir`` stays relative to
+    the current directory (as a user typing a path expects)."""
+    return parse_config(read_toml(path), str(path), check_drivers)

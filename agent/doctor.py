@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
+from .cli.render import human_bytes
 from .config import RigConfig, StreamConfig
 
 
@@ -323,14 +324,6 @@ def estimate_load_bps(cfg: RigConfig) -> dict[str, float]:
     return out
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def measure_write_speed(directory: Path, mb: float) -> float:
     """Write ``mb`` MiB in 4 MiB blocks, fsync, and return bytes/s. Raises OSError."""
     block = os.urandom(4 << 20)
@@ -374,8 +367,8 @@ def check_disk(cfg: RigConfig, who: Principal, probe: Probe,
     free = st.f_bavail * st.f_frsize
     total = st.f_blocks * st.f_frsize
     secs = free / load if load else float("inf")
-    detail = (f"{out}: {_human(free)} free of {_human(total)}; configured load ≈ "
-              f"{_human(load)}/s → {secs / 3600:.1f} h of recording")
+    detail = (f"{out}: {human_bytes(free)} free of {human_bytes(total)}; configured load ≈ "
+              f"{human_bytes(load)}/s → {secs / 3600:.1f} h of recording")
     if free < 256 << 20 or secs < 300:
         checks.append(Check("disk", Level.FAIL, detail, "free space (delete uploaded "
                             "sessions), set recorder.quota_gb, or point out_dir at a larger disk"))
@@ -387,13 +380,13 @@ def check_disk(cfg: RigConfig, who: Principal, probe: Probe,
     quota = cfg.recorder.quota_gb
     if quota and quota * (1 << 30) > free:
         checks.append(Check("disk", Level.WARN, f"recorder.quota_gb = {quota} exceeds the "
-                            f"{_human(free)} free", "lower quota_gb below the free space"))
+                            f"{human_bytes(free)} free", "lower quota_gb below the free space"))
 
     if probe.write_test_mb > 0:
         mb = probe.write_test_mb
         if free < 256 << 20 or mb * (1 << 20) > free * 0.5:
             checks.append(Check("disk", Level.SKIP, f"write test of {mb:.0f} MiB skipped: "
-                                f"only {_human(free)} free", "free space first"))
+                                f"only {human_bytes(free)} free", "free space first"))
             return checks
         existing.mkdir(parents=True, exist_ok=True)
         try:
@@ -402,8 +395,8 @@ def check_disk(cfg: RigConfig, who: Principal, probe: Probe,
             checks.append(Check("disk", Level.FAIL, f"write test in {existing} failed: "
                                 f"{e.strerror}", "check the disk (dmesg) and free space"))
             return checks
-        detail = (f"fsync'ed write {_human(speed)}/s = {speed / load:.1f}× the configured "
-                  f"load" if load else f"fsync'ed write {_human(speed)}/s")
+        detail = (f"fsync'ed write {human_bytes(speed)}/s = {speed / load:.1f}× the configured "
+                  f"load" if load else f"fsync'ed write {human_bytes(speed)}/s")
         if load and speed < load:
             checks.append(Check("disk", Level.FAIL, detail, "the disk cannot keep up: use a "
                                 "faster disk, lower camera resolution/rate, or drop raw encodings"))
@@ -452,7 +445,7 @@ def check_models(cfg: RigConfig, who: Principal) -> list[Check]:
             checks.append(Check("models", Level.FAIL, f"{path}: unreadable: {e.strerror}"))
             continue
         checks.append(Check("models", Level.OK, f"labelers[{i}] {lab.kind}: {path} "
-                            f"({_human(path.stat().st_size)}) sha256 {digest}"))
+                            f"({human_bytes(path.stat().st_size)}) sha256 {digest}"))
     return checks
 
 

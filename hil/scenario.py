@@ -9,13 +9,12 @@ Shipped scenarios live in ``hil/scenarios/<name>.toml`` and load by bare name
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.config import _problems
+from agent.config import _problems, read_toml
 from agent.errors import ConfigError
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -139,13 +138,10 @@ def load_scenario(name_or_path: str | Path, duration_s: float | None = None) -> 
     """Load a shipped scenario by name or any scenario file by path; ``duration_s``
     overrides the file's duration (events after it simply never happen)."""
     p = scenario_path(name_or_path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
+    if not p.exists():
         shipped = ", ".join(sorted(x.stem for x in SCENARIO_DIR.glob("*.toml")))
-        raise ConfigError(str(p), [("", f"no such scenario; shipped: {shipped}")]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(p), [("", f"not valid TOML: {e}")]) from None
+        raise ConfigError(str(p), [("", f"no such scenario; shipped: {shipped}")])
+    data = read_toml(p)
     if duration_s is not None:
         data["duration_s"] = duration_s
     try:

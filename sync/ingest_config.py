@@ -10,13 +10,12 @@ to the current directory. See docs/sync.md for every key.
 from __future__ import annotations
 
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.config import _problems, loopback_endpoint
+from agent.config import _problems, loopback_endpoint, read_toml
 from agent.errors import ConfigError
 
 from . import storage
@@ -117,13 +116,4 @@ def parse_ingest_config(data: dict[str, Any], path: str = "<memory>") -> IngestC
 
 def load_ingest_config(path: str | Path) -> IngestConfig:
     """Read and validate an ``ingest.toml``."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(str(p), [("", f"cannot read file: {e.strerror}")]) from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(str(p), [("", f"not valid TOML: {e}")]) from None
-    return parse_ingest_config(data, str(p))
+    return parse_ingest_config(read_toml(path), str(path))
