@@ -163,6 +163,7 @@ class RunOptions:
     template: Path = TEMPLATE
     start_delay_s: float = 4.0
     stop_timeout_s: float = 20.0
+    inspect_timeout_s: float = 300.0
     agent_start_timeout_s: float = 30.0
     rss_interval_s: float = 1.0
     #: the agent's command line; ``{rig}``, ``{out}`` and ``{duration}`` are filled in
@@ -197,6 +198,7 @@ class RunResult:
     upload: dict[str, Any] | None = None
     upload_note: str = ""
     wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def save(self) -> Path:
         p = Path(self.run_dir) / "run.json"
@@ -269,6 +271,15 @@ class HilRun:
         if unknown:
             raise HilError(f"unknown device(s) {sorted(unknown)}; known: {', '.join(DEVICES)}")
         self.devices = [d for d in DEVICES if d in enabled and d in want]
+        #: what was left out and why (reported with the run)
+        self.notes: list[str] = []
+        if "audio" in self.devices and self.opts.devices is None:
+            from .pulse import pulse_unavailable
+
+            why = pulse_unavailable()
+            if why:  # not asked for by name: run without it rather than fail
+                self.devices.remove("audio")
+                self.notes.append(f"audio left out: {why}")
         if not self.devices:
             raise HilError("no device left to run (all disabled in the scenario or excluded)")
         base = Path(self.opts.out_dir) if self.opts.out_dir else Path(tempfile.gettempdir())
@@ -301,14 +312,22 @@ class HilRun:
         """Construct and start the emulators of ``self.devices``; t = 0 is
         ``start_delay_s`` after the (slow) sound-server start. Blocks ~0.5–3 s."""
         if "audio" in self.devices:
-            from .pulse import PulseServer
+            from .pulse import PulseError, PulseServer
 
             a = self.sc.devices.audio
             ch = int(a.options.get("channels", 1)) if isinstance(a.options, dict) else 1
             self.pulse = PulseServer(rate=int(a.rate_hz or 48_000), channels=ch)
-            self.pulse.start()
+            try:
+                self.pulse.start()
+            except PulseError as e:
+                if self.opts.devices is not None or len(self.devices) == 1:
+                    raise HilError(f"the microphone emulator needs a sound server: {e}") \
+                        from None
+                self.devices.remove("audio")
+                self.notes.append(f"audio left out: {e}")
+                self.pulse = None
         self._prewarm()
-        _import_emulators(self.devices)
+        self._import_emulators()
         self.run_t0_ns = time.monotonic_ns() + int(self.opts.start_delay_s * 1e9)
         d = self.sc.devices
         for dev in self.devices:
@@ -333,6 +352,21 @@ class HilRun:
         late = (time.monotonic_ns() - self.run_t0_ns) / 1e9
         if late > 0:
             log.info("emulators were up %.2f s after t = 0 (they start at 'now')", late)
+
+    def _import_emulators(self) -> None:
+        """Import the emulator modules (cv2, ouster-sdk, open3d: ~1 s) before t = 0 is
+        set. A device whose libraries are missing is left out with a note, unless it was
+        asked for by name (then HilError)."""
+        import importlib
+
+        for dev in list(self.devices):
+            try:
+                importlib.import_module(f"hil.emulators.{dev}")
+            except ImportError as e:
+                if self.opts.devices is not None or len(self.devices) == 1:
+                    raise HilError(f"the {dev} emulator cannot load: {e}") from None
+                self.devices.remove(dev)
+                self.notes.append(f"{dev} left out: {e}")
 
     def _prewarm(self) -> None:
         """Synthesise the scenario's speech into the audio emulator's cache before t = 0
@@ -423,8 +457,9 @@ class HilRun:
             rss, cpu = proc_rss_cpu(pid)
             if rss is None:
                 return
-            self._rss.append((round(time.monotonic() - t0, 2), rss))
-            self._cpu = cpu
+            if rss > 0:  # 0: a zombie, the process has exited
+                self._rss.append((round(time.monotonic() - t0, 2), rss))
+                self._cpu = cpu
             self._sampler_stop.wait(self.opts.rss_interval_s)
 
     def agent_log_tail(self, lines: int = 30) -> str:
@@ -460,17 +495,37 @@ class HilRun:
         return "running"
 
     def stop_agent(self) -> tuple[int | None, str]:
-        """SIGTERM to the agent's process group, SIGKILL after ``stop_timeout_s``.
-        Returns (exit status, how it stopped). Idempotent."""
+        """SIGTERM to the agent's process group; SIGKILL if it has not closed its session
+        within ``stop_timeout_s``. ``edgecap record`` then verifies the whole session
+        (``inspect``; ~10 s per GB): that part gets ``inspect_timeout_s`` before it is cut
+        short with SIGTERM (its handler is gone by then). Returns (exit status, how it
+        stopped: "exited", "sigterm", "sigterm-inspect-cut" or "killed"). Idempotent."""
         p = self.agent
         if p is None:
             return None, ""
         how = "exited" if p.poll() is not None else "sigterm"
+        self._sampler_stop.set()  # RSS while recording, not while closing and verifying
         if p.poll() is None:
             _signal_group(p, signal.SIGTERM)
-            try:
-                p.wait(self.opts.stop_timeout_s)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + self.opts.stop_timeout_s
+            closed = False
+            while p.poll() is None:
+                if not closed and self._session_closed():
+                    closed = True
+                    deadline = time.monotonic() + self.opts.inspect_timeout_s
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            if p.poll() is None and closed:
+                log.warning("the agent's post-run inspect took over %.0f s: stopping it",
+                            self.opts.inspect_timeout_s)
+                how = "sigterm-inspect-cut"
+                _signal_group(p, signal.SIGTERM)
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            if p.poll() is None:
                 log.warning("agent ignored SIGTERM for %.0f s: killing it",
                             self.opts.stop_timeout_s)
                 how = "killed"
@@ -479,13 +534,22 @@ class HilRun:
                     p.wait(5)
                 except subprocess.TimeoutExpired:
                     pass
-        self._sampler_stop.set()
         if self._sampler is not None:
             self._sampler.join(2)
         if self._agent_log_f is not None:
             self._agent_log_f.close()
             self._agent_log_f = None
         return p.returncode, how
+
+    def _session_closed(self) -> bool:
+        """Whether ``edgecap record`` printed its "session … →" line (it has stopped the
+        pipeline: every segment is closed and has its manifest)."""
+        try:
+            with open(self.run_dir / "agent.log", "rb") as f:
+                return any(line.startswith(b"session ") and "→".encode() in line
+                           for line in f)
+        except OSError:
+            return False
 
     def stop_emulators(self) -> dict[str, dict[str, Any]]:
         """Stop every emulator (reverse order) and the sound server; their counts."""
@@ -569,7 +633,7 @@ class HilRun:
             agent_log=str(self.run_dir / "agent.log"),
             agent_started_ns=self._agent_started_ns, agent_stopped_ns=stopped_ns,
             agent_stop=how, session_dir=str(sessions[-1]) if sessions else None,
-            emulators=sent, rss=list(self._rss), cpu_s=self._cpu)
+            emulators=sent, rss=list(self._rss), cpu_s=self._cpu, notes=list(self.notes))
         if how == "exited" and rc not in (0, None):
             res.upload_note = "agent failed"
         if self.opts.upload and sessions:
@@ -616,14 +680,6 @@ class HilRun:
             atexit.unregister(self.close)
         except Exception:  # noqa: BLE001
             pass
-
-
-def _import_emulators(devices: list[str]) -> None:
-    """Import the emulator modules (cv2, ouster-sdk, open3d: ~1 s) before t = 0 is set."""
-    import importlib
-
-    for dev in devices:
-        importlib.import_module(f"hil.emulators.{dev}")
 
 
 def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:

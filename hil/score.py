@@ -93,7 +93,13 @@ class Bundle:
             try:
                 with open(seg, "rb") as f:
                     reader = make_reader(f)
-                    for schema, channel, msg in reader.iter_messages():
+                    summary = reader.get_summary()
+                    topics = None  # all, when the file has no summary to filter by
+                    if summary is not None:
+                        topics = [c.topic for c in summary.channels.values()
+                                  if c.topic == STAMPS_TOPIC or c.topic in audio_topics
+                                  or c.topic.startswith(label_prefix)]
+                    for schema, channel, msg in reader.iter_messages(topics=topics):
                         topic = channel.topic
                         if topic == STAMPS_TOPIC:
                             doc = json.loads(msg.data)
@@ -605,6 +611,7 @@ def _score_lidar_labels(run_dir: Path, b: Bundle, stream: str, topic: str,
 def rss_summary(rss: list[tuple[float, int]], skip_s: float = 5.0) -> dict[str, Any]:
     """Agent RSS: first/last/peak (MB), growth after ``skip_s`` of start-up, and the slope
     of a line fitted to the second half of the run (MB/min)."""
+    rss = [x for x in rss if x[1] > 0]
     if not rss:
         return {"samples": 0}
     t = np.array([x[0] for x in rss], float)
@@ -663,7 +670,7 @@ def score_run(run_dir: str | Path, assertions: dict[str, float] | None = None
                      "verified_share": round(verified / n_seg, 4) if n_seg else 0.0,
                      "unclosed": len(b.inspect.get("problems", [])) if b.inspect else None},
         "upload": res.upload, "upload_note": res.upload_note,
-        "emulators": res.emulators, "problems": b.problems,
+        "emulators": res.emulators, "problems": b.problems, "notes": res.notes,
     }
     if assertions is None:
         from .scenario import load_scenario
@@ -696,6 +703,10 @@ def _metric(report: dict[str, Any], key: str) -> tuple[float | None, str, str]:
             row = s.get(dev)
             st = (row or {}).get("ts_settled") or {}
             return (st.get("p99_ms"), "<=", "" if row is not None else f"{dev} not run")
+        if key == f"{dev}_ts_spread_p99_ms":
+            row = s.get(dev)
+            st = (row or {}).get("ts_settled") or (row or {}).get("ts") or {}
+            return (st.get("spread_p99_ms"), "<=", "" if row is not None else f"{dev} not run")
         if key == f"{dev}_loss_share_max":
             row = s.get(dev)
             return (None if row is None else row["loss_share"], "<=",
@@ -832,6 +843,8 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
                   f"{'ok' if not (up.get('store') or {}).get('problems') else 'FAILED'} in "
                   f"{_f(up.get('seconds'), 1)} s" if report.get("upload") else
                   f"; {report.get('upload_note') or 'no upload'}"))
+    for n in report.get("notes", []):
+        con.print(f"note: {n}")
     for p in report.get("problems", []):
         con.print(f"[yellow]problem:[/] {p}")
     res = report["assertions"]

@@ -64,17 +64,28 @@ def run_cmd(scenario: str, duration: float | None, report: str | None, out: str,
     """Run SCENARIO (a shipped name such as city-drive, or a .toml path) against the agent
     and score it. Exit status: 0 all assertions passed, 1 an assertion failed, 2 bad
     scenario or options, 3 the run itself failed."""
+    sys.exit(run_scenario(scenario, duration, out, report, upload=not no_upload,
+                          labels=not no_labels, devices=_devices(devices), quiet=quiet))
+
+
+def run_scenario(scenario: str, duration: float | None = None, out: str = "hil-runs",
+                 report: str | None = None, *, upload: bool = True, labels: bool = True,
+                 devices: set[str] | None = None, quiet: bool = False,
+                 console: Any = None) -> int:
+    """Run, score and print one scenario; returns the exit status of ``edgecap hil run``
+    (for ``make demo`` and other callers that want the run without the CLI). Blocks for
+    the run; SIGTERM is turned into KeyboardInterrupt meanwhile so everything is stopped.
+    Call from the main thread."""
     from hil.runner import HilError, HilRun, RunOptions
     from hil.scenario import load_scenario
     from hil.score import print_report, score_run
 
     try:
         sc = load_scenario(scenario, duration_s=duration)
-        opts = RunOptions(out_dir=Path(out), devices=_devices(devices), upload=not no_upload,
-                          labels=not no_labels)
+        opts = RunOptions(out_dir=Path(out), devices=devices, upload=upload, labels=labels)
     except ConfigError as e:
         click.echo(str(e), err=True)
-        sys.exit(2)
+        return 2
     previous = _sigterm_as_interrupt()
     t0 = time.monotonic()
 
@@ -88,10 +99,10 @@ def run_cmd(scenario: str, duration: float | None, report: str | None, out: str,
             res = run.run(on_status=say)
     except KeyboardInterrupt:
         click.echo("interrupted: every emulator and the agent were stopped", err=True)
-        sys.exit(130)
+        return 130
     except (HilError, EdgecapError) as e:
         click.echo(f"hil run failed: {e}", err=True)
-        sys.exit(3)
+        return 3
     finally:
         signal.signal(signal.SIGTERM, previous)
     say("scoring")
@@ -100,12 +111,13 @@ def run_cmd(scenario: str, duration: float | None, report: str | None, out: str,
     (Path(res.run_dir) / "report.json").write_text(text)
     if report:
         Path(report).write_text(text)
-    print_report(rep, _console())
+    print_report(rep, console or _console())
     click.echo(f"run directory: {res.run_dir}")
-    if res.agent_rc not in (0, None) and res.agent_stop != "sigterm":
+    if res.agent_stop == "killed" or (res.agent_rc not in (0, None)
+                                      and res.agent_stop == "exited"):
         click.echo(f"the agent exited with status {res.agent_rc}; see {res.agent_log}", err=True)
-        sys.exit(3)
-    sys.exit(0 if rep["assertions"]["ok"] else 1)
+        return 3
+    return 0 if rep["assertions"]["ok"] else 1
 
 
 @hil_group.command("score")
