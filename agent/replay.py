@@ -43,6 +43,7 @@ import importlib
 import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections import deque
@@ -547,7 +548,7 @@ def payload_decoder(info: StreamInfo) -> Callable[[bytes], Any]:
             if m.point_stride != POINT_DTYPE.itemsize:
                 raise ValueError(f"point stride {m.point_stride}, expected "
                                  f"{POINT_DTYPE.itemsize}")
-            return np.frombuffer(m.data, POINT_DTYPE).copy()
+            return np.frombuffer(m.data, POINT_DTYPE)  # read-only, like the message
         return points
     if enc == "fix":
         from foxglove_schemas_protobuf.LocationFix_pb2 import LocationFix
@@ -561,6 +562,103 @@ def payload_decoder(info: StreamInfo) -> Callable[[bytes], Any]:
     if enc == "json":
         return json.loads
     return bytes
+
+
+class _IndexedSegment:
+    """Reads chosen channels of one closed MCAP segment through its summary: chunk indexes
+    and message indexes say where every message of a channel is, so only those messages
+    are read (``os.pread``; no other channel's bytes, no per-record Python parsing of the
+    rest). Compressed chunks are read whole and decompressed. Used when the segment has a
+    summary with message indexes (every closed edgecap segment); otherwise the mcap
+    reader's linear path is used."""
+
+    _MSG = struct.Struct("<HIQQ")  # channel_id, sequence, log_time, publish_time
+
+    def __init__(self, f: Any, summary: Any):
+        self.fd = f.fileno()
+        self.summary = summary
+        self._chunk_cache: tuple[int, bytes] | None = None
+
+    def usable(self) -> bool:
+        s = self.summary
+        return bool(s is not None and s.chunk_indexes and
+                    all(ci.message_index_offsets for ci in s.chunk_indexes))
+
+    def _pread(self, n: int, off: int) -> bytes:
+        b = os.pread(self.fd, n, off)
+        if len(b) != n:
+            raise BundleError(f"short read at {off} (file truncated?)")
+        return b
+
+    def entries(self, cids: set[int], start_ns: int | None, end_ns: int | None
+                ) -> list[tuple[int, int, int, int]]:
+        """``(log_time, channel_id, chunk_no, offset)`` of every message of ``cids`` in
+        ``[start, end)``, from the message indexes."""
+        out = []
+        for k, ci in enumerate(self.summary.chunk_indexes):
+            if (end_ns is not None and ci.message_start_time >= end_ns) or \
+                    (start_ns is not None and ci.message_end_time < start_ns):
+                continue
+            offs = {c: o for c, o in ci.message_index_offsets.items() if c in cids}
+            if not offs:
+                continue
+            base = min(ci.message_index_offsets.values())
+            blob = self._pread(ci.message_index_length, base)
+            for c, o in offs.items():
+                pos = o - base
+                if blob[pos] != 0x07:
+                    raise BundleError(f"no message index at {o}")
+                (n,) = struct.unpack_from("<I", blob, pos + 11)
+                arr = np.frombuffer(blob, "<u8", count=n // 8, offset=pos + 15).reshape(-1, 2)
+                for t, off in arr.tolist():
+                    if (start_ns is None or t >= start_ns) and (end_ns is None or t < end_ns):
+                        out.append((t, c, k, off))
+        return out
+
+    def message(self, chunk_no: int, off: int) -> tuple[int, int, int, int, bytes]:
+        """``(channel_id, sequence, log_time, publish_time, data)`` of the message at
+        ``off`` in chunk ``chunk_no``'s records."""
+        ci = self.summary.chunk_indexes[chunk_no]
+        rec_start = ci.chunk_start_offset + 49 + len(ci.compression)
+        if not ci.compression:
+            head = self._pread(9 + 22, rec_start + off)
+            if head[0] != 0x05:
+                raise BundleError(f"no message record at chunk {chunk_no} offset {off}")
+            (ln,) = struct.unpack_from("<Q", head, 1)
+            cid, seq, t, pub = self._MSG.unpack_from(head, 9)
+            return cid, seq, t, pub, self._pread(ln - 22, rec_start + off + 31)
+        if self._chunk_cache is None or self._chunk_cache[0] != chunk_no:
+            raw = self._pread(ci.compressed_size, rec_start)
+            self._chunk_cache = (chunk_no, _decompress(ci.compression, raw,
+                                                       ci.uncompressed_size))
+        buf = self._chunk_cache[1]
+        if buf[off] != 0x05:
+            raise BundleError(f"no message record at chunk {chunk_no} offset {off}")
+        (ln,) = struct.unpack_from("<Q", buf, off + 1)
+        cid, seq, t, pub = self._MSG.unpack_from(buf, off + 9)
+        return cid, seq, t, pub, buf[off + 31:off + 9 + ln]
+
+
+class _Msg:
+    """The fields of an MCAP message record that ``_record`` reads."""
+
+    __slots__ = ("log_time", "publish_time", "sequence", "data")
+
+    def __init__(self, log_time: int, publish_time: int, sequence: int, data: bytes):
+        self.log_time, self.publish_time = log_time, publish_time
+        self.sequence, self.data = sequence, data
+
+
+def _decompress(kind: str, data: bytes, size: int) -> bytes:
+    if kind == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+    if kind == "lz4":
+        import lz4.frame
+
+        return lz4.frame.decompress(data)
+    raise BundleError(f"unknown chunk compression {kind!r}")
 
 
 class SessionReader:
@@ -704,20 +802,24 @@ class SessionReader:
     def _stamps(self, reader: Any, want: set[str]) -> dict[tuple[str, int], deque[list[Any]]]:
         out: dict[tuple[str, int], deque[list[Any]]] = {}
         for _s, _c, msg in reader.iter_messages(topics=[STAMPS_TOPIC], log_time_order=False):
-            try:
-                doc = json.loads(msg.data)
-                name = doc["stream"]
-                if name not in want:
-                    continue
-                cols = doc.get("columns") or ["t_ns", "device_t_ns", "host_rx_ns", "seq"]
-                it, idev, irx, iseq = (cols.index(c) for c in
-                                       ("t_ns", "device_t_ns", "host_rx_ns", "seq"))
-                for row in doc["rows"]:
-                    out.setdefault((name, int(row[it])), deque()).append(
-                        [row[idev], row[irx], row[iseq]])
-            except (ValueError, KeyError, TypeError, IndexError):
-                self.decode_errors += 1
+            self._add_stamps(out, msg.data, want)
         return out
+
+    def _add_stamps(self, out: dict[tuple[str, int], deque[list[Any]]], data: bytes,
+                    want: set[str]) -> None:
+        try:
+            doc = json.loads(data)
+            name = doc["stream"]
+            if name not in want:
+                return
+            cols = doc.get("columns") or ["t_ns", "device_t_ns", "host_rx_ns", "seq"]
+            it, idev, irx, iseq = (cols.index(c) for c in
+                                   ("t_ns", "device_t_ns", "host_rx_ns", "seq"))
+            for row in doc["rows"]:
+                out.setdefault((name, int(row[it])), deque()).append(
+                    [row[idev], row[irx], row[iseq]])
+        except (ValueError, KeyError, TypeError, IndexError):
+            self.decode_errors += 1
 
     def _segment_records(self, i: int, start_ns: int | None, end_ns: int | None,
                          want: set[str]) -> Iterator[Record]:
@@ -730,9 +832,12 @@ class SessionReader:
         with f:
             try:
                 reader = self._make_reader(f)
+                idx = _IndexedSegment(f, reader.get_summary())
+                if idx.usable():
+                    yield from self._indexed_records(i, idx, start_ns, end_ns, want)
+                    return
                 stamps = self._stamps(reader, want)
-                topics = sorted(want)
-                msgs = reader.iter_messages(topics=topics, starting_at=start_ns,
+                msgs = reader.iter_messages(topics=sorted(want), starting_at=start_ns,
                                             ending_before=end_ns, log_time_order=True)
                 run: list[Record] = []
                 for schema, ch, msg in msgs:
@@ -749,6 +854,33 @@ class SessionReader:
             except Exception as e:  # corrupt chunk mid-file: keep what was read
                 self.bad_segments.append(f"{seg.path.name}: {type(e).__name__}: {e}")
                 log.warning("replay: %s: %s", seg.path.name, e)
+
+    def _indexed_records(self, i: int, idx: _IndexedSegment, start_ns: int | None,
+                         end_ns: int | None, want: set[str]) -> Iterator[Record]:
+        summ = idx.summary
+        chans = {cid: ch for cid, ch in summ.channels.items() if ch.topic in want}
+        stamp_ids = {cid for cid, ch in summ.channels.items() if ch.topic == STAMPS_TOPIC}
+        stamps: dict[tuple[str, int], deque[list[Any]]] = {}
+        for _t, _c, k, off in sorted(idx.entries(stamp_ids, None, None)):
+            self._add_stamps(stamps, idx.message(k, off)[4], want)
+        order = self.order
+        entries = idx.entries(set(chans), start_ns, end_ns)
+        entries.sort(key=lambda e: (e[0], order[chans[e[1]].topic], e[2], e[3]))
+        run: list[Record] = []
+        for t, cid, k, off in entries:
+            ch = chans[cid]
+            _cid, seq, log_time, pub, data = idx.message(k, off)
+            msg = _Msg(log_time, pub, seq, data)
+            rec = self._record(i, summ.schemas.get(ch.schema_id), ch, msg, stamps)
+            if run and rec.t_ns != run[0].t_ns:
+                if len(run) > 1:
+                    run.sort(key=Record.key)
+                yield from run
+                run = []
+            run.append(rec)
+        if len(run) > 1:
+            run.sort(key=Record.key)
+        yield from run
 
     def _record(self, i: int, schema: Any, ch: Any, msg: Any,
                 stamps: dict[tuple[str, int], deque[list[Any]]]) -> Record:

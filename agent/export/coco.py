@@ -20,18 +20,19 @@ from typing import Any
 
 from agent.types import StreamKind
 
-from .common import (ExportOptions, Frame, Progress, SessionView, image_bytes, image_size,
-                     slug, write_json)
+from .common import (ExportOptions, FileWriter, Frame, Progress, SessionView, image_bytes,
+                     image_size, slug, write_json)
 
 
 def export_coco(uri: str, opts: ExportOptions) -> dict[str, Any]:
     """Write the COCO export of a session into ``opts.out_dir``; returns a summary."""
-    view = SessionView(uri, opts)
+    view = SessionView(uri, opts, (StreamKind.CAMERA,))
     out = Path(opts.out_dir)
     images: list[dict[str, Any]] = []
     anns: list[dict[str, Any]] = []
     classes: set[str] = set()
     bar = Progress(view.expected_records(), "COCO export", opts.progress)
+    files = FileWriter()
     try:
         for ev in view.events(bar.advance):
             if not isinstance(ev, Frame) or ev.info.kind != StreamKind.CAMERA:
@@ -43,9 +44,7 @@ def export_coco(uri: str, opts: ExportOptions) -> dict[str, Any]:
             data, ext = got
             size = image_size(data, ev.info.encoding) or (0, 0)
             rel = f"images/{slug(ev.stream)}/{ev.t_ns}{ext}"
-            path = out / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            files.write(out / rel, data)
             img_id = len(images) + 1
             images.append({"id": img_id, "file_name": rel, "width": size[0],
                            "height": size[1],
@@ -66,6 +65,7 @@ def export_coco(uri: str, opts: ExportOptions) -> dict[str, Any]:
                                  "model": ls.model_version, "label_stream": ls.stream})
     finally:
         bar.close()
+        files.close()
     cats = {name: i + 1 for i, name in enumerate(sorted(classes))}
     for a in anns:
         a["category_id"] = cats[a.pop("cls")]

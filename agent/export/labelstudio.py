@@ -29,8 +29,8 @@ import numpy as np
 
 from agent.types import StreamKind
 
-from .common import (NS, AudioLabel, ExportOptions, Frame, LabelSet, Progress, SessionView,
-                     image_bytes, image_size, slug, write_json)
+from .common import (NS, AudioLabel, ExportOptions, FileWriter, Frame, LabelSet, Progress,
+                     SessionView, image_bytes, image_size, slug, write_json)
 
 _RESULT = {
     "type": "object",
@@ -106,7 +106,7 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
                        clip_s: float = 30.0) -> dict[str, Any]:
     """Write the Label Studio export of a session into ``opts.out_dir``; returns a
     summary."""
-    view = SessionView(uri, opts)
+    view = SessionView(uri, opts, (StreamKind.CAMERA, StreamKind.AUDIO))
     out = Path(opts.out_dir)
     tasks: list[dict[str, Any]] = []
     img_classes: set[str] = set()
@@ -116,13 +116,14 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
     audio_labels: list[AudioLabel] = []
     clip_ns = int(clip_s * NS)
     bar = Progress(view.expected_records(), "Label Studio export", opts.progress)
+    files = FileWriter()
     try:
         for ev in view.events(bar.advance):
             if isinstance(ev, AudioLabel):
                 audio_labels.append(ev)
                 continue
             if ev.info.kind == StreamKind.CAMERA:
-                t = _image_task(ev, out, url_prefix, img_classes)
+                t = _image_task(ev, out, url_prefix, img_classes, files)
                 if t is None:
                     view.counts["decode_errors"] += 1
                 else:
@@ -141,6 +142,7 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
             done.append(c)
     finally:
         bar.close()
+        files.close()
     # speech segments are labelled when they end: tasks are built once all are known
     for c in sorted(done, key=lambda c: (c.start_ns, c.stream)):
         tasks.append(c.task(url_prefix, audio_labels, audio_classes))
@@ -155,8 +157,8 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
             "predictions": sum(len(t.get("predictions", [])) for t in tasks), **view.counts}
 
 
-def _image_task(fr: Frame, out: Path, url_prefix: str, classes: set[str]
-                ) -> dict[str, Any] | None:
+def _image_task(fr: Frame, out: Path, url_prefix: str, classes: set[str],
+                files: FileWriter) -> dict[str, Any] | None:
     got = image_bytes(fr)
     if got is None:
         return None
@@ -166,9 +168,7 @@ def _image_task(fr: Frame, out: Path, url_prefix: str, classes: set[str]
         return None
     w, h = size
     rel = f"images/{slug(fr.stream)}/{fr.t_ns}{ext}"
-    p = out / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
+    files.write(out / rel, data)
     preds = []
     for ls in fr.labels:
         results = []
