@@ -19,6 +19,17 @@ in each driver's reader thread, before the sample is queued, never blocks and co
 A sample with ``meta["discontinuity"]`` (the driver reopened the device and its clock
 restarted) resets that stream's estimator, keeping the skew (same oscillator).
 
+**Clock domains.** Streams that share one device clock (a GPS receiver's fixes and its
+``<name>/timeref``) form a domain and map through one estimator. Samples marked
+``meta["clock_ref"]`` (PPS edges: device time = the UTC second, arrival = the kernel's
+assert time) feed the domain's *reference* estimator and nothing else; every other
+member sample is mapped by it (source ``pps``/``reference``). Until a reference arrives,
+or when the last one is older than ``ref_holdover_s`` of device time, members fall back to
+a second estimator fed by their own arrivals (source ``nmea-arrival`` for GPS, else
+``estimator``). Membership: ``StreamInfo.params["clock_domain"]`` at
+:meth:`ClockStage.configure_stream`, else a TIMEREF stream ``<base>/timeref`` joins
+``<base>``; an unconfigured stream that carries references is its own domain.
+
 ``quality(stream)``/``summary()`` report offset, skew, jitter, lock state, jumps and the
 stated uncertainty (summary goes into every manifest as ``manifest["clock"]``);
 ``poll_quality(now_ns)`` yields the per-stream clock-quality samples (topic
@@ -54,7 +65,8 @@ CLOCK_QUALITY_JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "stream": {"type": "string"},
-        "source": {"enum": ["estimator", "sample-count", "arrival", "device=timebase"]},
+        "source": {"enum": ["estimator", "sample-count", "arrival", "device=timebase",
+                            "pps", "reference", "nmea-arrival"]},
         "state": {"enum": ["unlocked", "acquiring", "locked", "arrival",
                            "device=timebase"]},
         "offset_ns": {"type": ["integer", "null"], "description": "timebase − device"},
@@ -316,6 +328,9 @@ class ClockOptions(BaseModel):
     latency_ms: dict[str, float] = Field(default_factory=dict)
     quality_period_s: float = Field(default=1.0, ge=1.0)
     utc_period_s: float = Field(default=10.0, ge=1.0)
+    #: a clock domain maps by its reference (PPS) estimator while the newest reference is
+    #: at most this much device time away; beyond, by its members' own arrivals
+    ref_holdover_s: float = Field(default=60.0, gt=0, le=86_400)
 
     def params(self, stream: str) -> EstimatorParams:
         return EstimatorParams(
@@ -338,7 +353,8 @@ class _Stream:
     """Per-stream mapping state. Written by the stream's reader thread only."""
 
     __slots__ = ("name", "source", "est", "arrival", "samples", "no_device_time",
-                 "bad_device_time", "rate_num", "rate_den", "last_emit_ns", "emitted")
+                 "bad_device_time", "rate_num", "rate_den", "last_emit_ns", "emitted",
+                 "domain", "kind", "refs")
 
     def __init__(self, name: str):
         self.name = name
@@ -352,6 +368,36 @@ class _Stream:
         self.rate_den = 1
         self.last_emit_ns: int | None = None
         self.emitted = 0
+        self.domain: _Domain | None = None
+        self.kind: StreamKind | None = None
+        self.refs = 0              # reference samples (PPS edges) this stream carried
+
+
+class _Domain:
+    """Streams sharing one device clock. ``ref`` learns only from reference samples (PPS
+    edges); ``fallback`` from the members' other samples (their arrival). Members may be
+    stamped from different reader threads: ``lock`` serialises the estimators."""
+
+    __slots__ = ("name", "ref", "fallback", "ref_source", "fallback_source", "lock",
+                 "ref_samples", "mapped_ref", "mapped_fallback", "holdover_ns")
+
+    def __init__(self, name: str, holdover_ns: int):
+        self.name = name
+        self.ref: ClockEstimator | None = None
+        self.fallback: ClockEstimator | None = None
+        self.ref_source = "reference"
+        self.fallback_source = "estimator"
+        self.lock = threading.Lock()
+        self.ref_samples = 0
+        self.mapped_ref = 0        # member samples mapped by the reference estimator
+        self.mapped_fallback = 0   # ... and by the arrival fallback
+        self.holdover_ns = holdover_ns
+
+    def ref_usable(self, dev: int) -> bool:
+        """The reference estimator has data within the holdover of ``dev``."""
+        r = self.ref
+        return (r is not None and r.last_dev_ns is not None
+                and abs(dev - r.last_dev_ns) <= self.holdover_ns)
 
 
 class ClockStage:
@@ -369,6 +415,7 @@ class ClockStage:
         self.options = options
         self._streams: dict[str, _Stream] = {}
         self._configured: dict[str, StreamInfo] = {}
+        self._domains: dict[str, _Domain] = {}
         self._lock = threading.Lock()  # stream creation only; stamping takes no lock
         self._utc_last_ns: int | None = None
 
@@ -380,17 +427,49 @@ class ClockStage:
         from each block's end."""
         self._configured[info.name] = info
         st = self._get(info.name)
+        st.kind = info.kind
+        dom = info.params.get("clock_domain") if info.params else None
+        if not dom and info.kind == StreamKind.TIMEREF and info.name.endswith("/timeref"):
+            dom = info.name[: -len("/timeref")]
+        if isinstance(dom, str) and dom:
+            self._join(st, dom)
+            if dom != info.name and dom in self._streams:
+                base = self._streams[dom]
+                if base.domain is None:
+                    self._join(base, dom)
+        elif info.name in self._domains:  # the base of a timeref declared before it
+            self._join(st, info.name)
         if info.kind == StreamKind.AUDIO:
             rate = info.params.get("sample_rate", info.rate_hz)
             if rate and float(rate) > 0:
                 fr = Fraction(float(rate)).limit_denominator(1_000_000)
                 st.rate_num, st.rate_den = fr.numerator, fr.denominator
 
+    def _join(self, st: _Stream, name: str) -> _Domain:
+        """Put a stream into the clock domain ``name`` (created on first use)."""
+        with self._lock:
+            d = self._domains.get(name)
+            if d is None:
+                d = self._domains[name] = _Domain(
+                    name, int(self.options.ref_holdover_s * 1e9))
+            st.domain = d
+        if st.kind in (StreamKind.GPS, StreamKind.TIMEREF):
+            d.fallback_source = "nmea-arrival"
+        return d
+
     def reset_stream(self, stream: str, keep_skew: bool = False) -> None:
         """A driver that knows its device clock changed (switched to PTP, rebooted) says
-        so here; see :meth:`ClockEstimator.reset`. Reader thread of that stream."""
+        so here; see :meth:`ClockEstimator.reset`. Reader thread of that stream (for a
+        domain member: both of the domain's estimators)."""
         st = self._streams.get(stream)
-        if st is not None and st.est is not None:
+        if st is None:
+            return
+        if st.domain is not None:
+            with st.domain.lock:
+                for e in (st.domain.ref, st.domain.fallback):
+                    if e is not None:
+                        e.reset(keep_skew)
+        elif st.est is not None:
             st.est.reset(keep_skew)
 
     def _get(self, name: str) -> _Stream:
@@ -418,17 +497,23 @@ class ClockStage:
             sample.t_ns = int(dev)
             return
         rx = self.timebase.from_monotonic(sample.host_rx_ns)
+        meta = sample.meta
+        if st.domain is not None or (meta and meta.get("clock_ref")):
+            self._stamp_domain(st, sample, dev, rx)
+            return
         est = st.est
         if dev is not None:
             if est is None:
                 est = st.est = ClockEstimator(self.options.params(sample.stream))
                 st.source = "sample-count" if st.rate_num else "estimator"
-            elif sample.meta and sample.meta.get("discontinuity"):
+            elif meta and meta.get("discontinuity"):
                 est.reset(keep_skew=True)  # the driver says its clock restarted (reconnect)
             dev = int(dev)
             span = self._span_ns(st, sample)
             if span:
-                est.update(dev + span, rx)  # data can only arrive after its last part
+                # data can only arrive after its last part: learn from the span's end (at
+                # the arrival of that part when the driver gives it)
+                est.update(dev + span, self._span_rx(sample, rx))
                 sample.t_ns = est.map(dev)
             else:
                 sample.t_ns = est.update(dev, rx)
@@ -442,6 +527,63 @@ class ClockStage:
             arr = st.arrival = ArrivalClock(self.options.latency_ns(sample.stream))
             st.source = "arrival"
         sample.t_ns = arr.update(rx)
+
+    def _stamp_domain(self, st: _Stream, sample: Sample, dev: Any, rx: int) -> None:
+        """A member of a clock domain (see the module doc). Reader thread of the stream;
+        takes the domain's lock (uncontended unless members come from several drivers)."""
+        d = st.domain
+        meta = sample.meta
+        ref = bool(meta and meta.get("clock_ref"))
+        if d is None:  # references on a stream never declared: it is its own domain
+            d = self._join(st, st.name)
+        if dev is None:
+            st.no_device_time += 1
+            lat = self.options.latency_ns(st.name)
+            sample.t_ns = rx - (0 if ref else lat)
+            if st.source is None:
+                st.source = "arrival"
+            return
+        dev = int(dev)
+        with d.lock:
+            if ref:
+                st.refs += 1
+                d.ref_samples += 1
+                if isinstance(meta.get("clock_ref"), str):
+                    d.ref_source = meta["clock_ref"]
+                if d.ref is None:
+                    d.ref = ClockEstimator(self.options.params(st.name))
+                elif meta.get("discontinuity"):
+                    d.ref.reset(keep_skew=True)
+                sample.t_ns = d.ref.update(dev, rx)
+                st.source = d.ref_source
+                return
+            fb = d.fallback
+            if fb is None:
+                fb = d.fallback = ClockEstimator(self.options.params(d.name))
+            elif meta and meta.get("discontinuity"):
+                fb.reset(keep_skew=True)
+            span = self._span_ns(st, sample)
+            if span:
+                fb.update(dev + span, self._span_rx(sample, rx))
+                t_fb = fb.map(dev)
+            else:
+                t_fb = fb.update(dev, rx)
+            if d.ref_usable(dev):
+                sample.t_ns = d.ref.map(dev)  # type: ignore[union-attr]
+                st.source = d.ref_source
+                d.mapped_ref += 1
+            else:
+                sample.t_ns = t_fb
+                st.source = d.fallback_source
+                d.mapped_fallback += 1
+
+    def _span_rx(self, sample: Sample, rx: int) -> int:
+        """Arrival (timebase) of the part that ends the sample's span:
+        ``meta["span_rx_ns"]`` (host monotonic) when the driver gives it, else ``rx``."""
+        v = sample.meta.get("span_rx_ns") if sample.meta else None
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return self.timebase.from_monotonic(int(v))
+        return rx
 
     @staticmethod
     def _span_ns(st: _Stream, sample: Sample) -> int:
@@ -462,6 +604,8 @@ class ClockStage:
         st = self._streams.get(stream)
         if st is None:
             return {}
+        if st.domain is not None and st.source is not None:
+            return self._domain_quality(st)
         if st.est is not None:
             q = st.est.quality()
             if st.rate_num:
@@ -477,6 +621,32 @@ class ClockStage:
         else:
             q = {"source": None, "state": LockState.UNLOCKED.value}
         q["samples"] = st.samples
+        if st.no_device_time:
+            q["no_device_time"] = st.no_device_time
+        if st.bad_device_time:
+            q["bad_device_time"] = st.bad_device_time
+        return q
+
+    def _domain_quality(self, st: _Stream) -> dict[str, Any]:
+        """Quality of a domain member: the estimator its newest sample was mapped by."""
+        d = st.domain
+        assert d is not None
+        use_ref = st.source == d.ref_source and d.ref is not None
+        est = d.ref if use_ref else d.fallback
+        if st.source == "arrival" or est is None:  # no device time seen on this stream
+            q: dict[str, Any] = {"state": "arrival" if st.source == "arrival" else
+                                 LockState.UNLOCKED.value, "offset_ns": None,
+                                 "skew_ppm": None, "jitter_ns": None, "uncertainty_ns": None,
+                                 "jumps": 0}
+        else:
+            q = est.quality()
+        q.update(source=st.source, domain=d.name, ref_samples=d.ref_samples,
+                 mapped_by_ref=d.mapped_ref, mapped_by_fallback=d.mapped_fallback,
+                 samples=st.samples)
+        if use_ref and d.fallback is not None and d.fallback.last_dev_ns is not None:
+            # what the members' own arrivals say: the receiver's output latency
+            dv = d.fallback.last_dev_ns
+            q["fallback_minus_ref_ns"] = d.fallback.map(dv) - d.ref.map(dv)  # type: ignore
         if st.no_device_time:
             q["no_device_time"] = st.no_device_time
         if st.bad_device_time:

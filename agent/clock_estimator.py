@@ -20,7 +20,8 @@ Beyond the fit:
 - **Jumps.** A sample whose residual is beyond the jump threshold (``jump_threshold_ns``
   or 6× the measured mean delay, whichever is larger) either way is *suspect* and not
   used. ``jump_confirm`` consecutive suspects spanning ``jump_confirm_s`` of device time
-  whose floor is flat (a queue draining after a stall is not) mean the device clock
+  whose floor is flat (a queue draining after a stall is not; under 1 s, twice as many
+  suspects, so that a stall's few late samples cannot pass for flat) mean the device clock
   stepped (reboot, a LiDAR switching to PTP): the estimator restarts from them with the old
   skew as a prior (precision-weighted against the new data, dropped if they disagree) and
   is LOCKED again once ``lock_min_samples`` samples span ``lock_span_s`` -- about 1.1 s
@@ -63,6 +64,10 @@ _LN2 = math.log(2.0)
 _SKEW_SPREAD = 200e-6
 #: a suspect run this many ``jump_confirm_s`` long is a jump even if not flat
 _FORCE_RUN = 10
+#: a jump smaller than this needs twice ``jump_confirm`` suspects: a host or device stall
+#: of tens of ms (frames late, then none, then late again) can look flat over 3 samples,
+#: while real clock changes (reboot, PTP switch) are mostly far larger
+_SMALL_JUMP_NS = 1_000_000_000
 #: a skew known better than this (1σ) is kept as the prior across a jump or step
 _PRIOR_MAX = 20e-6
 #: least 1σ of the skew carried over a jump: the device may have changed its time source
@@ -163,6 +168,7 @@ class ClockEstimator:
         self._run_first_dev = 0
         self._recent: deque[tuple[int, int]] = deque(maxlen=p.residual_ring)  # (dev, off)
         self._delay_scale = 2e6  # mean arrival delay above the envelope (ns); measured later
+        self._scale_measured = False
         # skew prior: centre, 1σ and the device time it was set (it ages from there)
         self._prior_s = 0.0
         self._prior_sigma = _SKEW_SPREAD
@@ -373,7 +379,8 @@ class ClockEstimator:
         if not sus:
             self._run_first_dev = dev
         sus.append((dev, rx, r))
-        if len(sus) < self.params.jump_confirm:
+        if len(sus) < self.params.jump_confirm or (
+                len(sus) < 2 * self.params.jump_confirm and abs(r) < _SMALL_JUMP_NS):
             return
         span = abs(dev - self._run_first_dev)
         if span < self._confirm_span_ns:
@@ -412,7 +419,8 @@ class ClockEstimator:
             self._check_step()
         # the delay scale: median residual of the recent samples (a path property, so it
         # survives a jump; re-measured once there are enough samples again)
-        if len(self._recent) >= (8 if self.jitter_ns is None else 32):
+        if len(self._recent) >= (32 if self._scale_measured else 8):
+            self._scale_measured = True
             xa, ya, a, s = self._line
             rs = sorted((o - ya) - a - s * (d - xa) for d, o in self._recent)
             self._delay_scale = max(rs[len(rs) // 2] / _LN2, _MIN_DELAY_SCALE)

@@ -561,9 +561,11 @@ class NmeaGps(Driver):
                 and abs(mono - self._last_rx) < 10 * NS:
             # the NMEA of the last epoch arrived late by its latency (< 0.5 s) → nearest
             label = round((self._last_utc + mono - self._last_rx) / NS) * NS
+        # meta clock_ref: the clock stage maps this receiver's fixes by its PPS edges
+        # (one clock domain: <name> and <name>/timeref), not by the NMEA's late arrival
         return Sample(self.timeref_name, {"kind": "pps", "utc_ns": label, "host_rx_ns": mono,
                                           "pps_assert_ns": ev.assert_ns, "pps_seq": ev.seq},
-                      mono, device_t_ns=label, seq=ev.seq)
+                      mono, device_t_ns=label, seq=ev.seq, meta={"clock_ref": "pps"})
 
 
 def decode_bytes(data: bytes, counters: Counters | None = None,

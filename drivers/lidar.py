@@ -48,7 +48,15 @@ column's sensor time minus the first valid column's), ``device_t_ns`` = the firs
 column's timestamp (the sensor's clock, ns), ``host_rx_ns`` = arrival of the packet holding
 that column (``time.monotonic_ns``; for pcap files the capture time, wall clock ns),
 ``seq`` = frame_id (16 bits, wraps), ``meta`` = ``{"incomplete", "packets",
-"missing_packets"}``.
+"missing_packets", "device_span_ns", "span_rx_ns"}``.
+
+Clock pair: a packet can only leave after its last column fired, so each received packet
+is one (device time, arrival) observation of the sensor clock. The scan tells the clock
+stage the *best* one — the packet with the least ``arrival − last column time`` —
+as ``meta["device_span_ns"]`` (that column's time minus ``device_t_ns``) and
+``meta["span_rx_ns"]`` (that packet's arrival, host monotonic): the stage learns from
+``(device_t_ns + span, span_rx_ns)`` and maps ``device_t_ns``. Best of 64 packets, the
+arrival delay it sees is ~1/64 of the mean (see docs/clock.md).
 """
 
 from __future__ import annotations
@@ -371,9 +379,25 @@ class ScanAssembler:
             words[:, 4] = 0
             host = int(self._rx_ns[self._got].min()) if self._got.any() else self._last_rx_ns
         pts = out.view(POINT_DTYPE).reshape(n)
+        meta: dict[str, Any] = {"incomplete": bool(missing), "packets": got,
+                                "missing_packets": missing}
+        if device_t_ns is not None:
+            meta.update(self._clock_pair(ts, colok, device_t_ns, host))
         return Sample(self.stream, pts, host_rx_ns=host, device_t_ns=device_t_ns, seq=fid,
-                      meta={"incomplete": bool(missing), "packets": got,
-                            "missing_packets": missing})
+                      meta=meta)
+
+    def _clock_pair(self, ts: np.ndarray, colok: np.ndarray, first_ns: int,
+                    host: int) -> dict[str, int]:
+        """The received packet with the least (arrival − its last valid column's time):
+        ``{"device_span_ns": that column − first_ns, "span_rx_ns": its arrival}``."""
+        cols = (self.col0 + np.arange(self.ppf * self.cpp)) % self.w
+        end = np.where(colok[cols], ts[cols], -1).reshape(self.ppf, self.cpp).max(axis=1)
+        ok = self._got & (end >= first_ns)
+        if not ok.any():
+            return {"device_span_ns": 0, "span_rx_ns": host}
+        delay = np.where(ok, self._rx_ns - end, np.iinfo(np.int64).max)
+        p = int(np.argmin(delay))
+        return {"device_span_ns": int(end[p]) - first_ns, "span_rx_ns": int(self._rx_ns[p])}
 
 
 def _parse_uri(uri: str) -> tuple[str, str, int | None]:

@@ -14,10 +14,14 @@ a blank line and the JPEG. Each JPEG carries a comment segment (``FF FE``) right
 ``GET /calibration.json`` returns :attr:`calibration`.
 
 Timing: frame ``n`` is captured at true time ``run_t0_ns + n·period`` whether or not a
-client is connected (a camera does not wait), rendered at that scenario time, encoded and
-queued to every connected client, each of which is sent it no earlier than capture +
-the device's arrival jitter. If rendering falls more than two periods behind, frames are
-skipped (counted ``overrun``; the counter still advances).
+client is connected (a camera does not wait). Its image is rendered and encoded *ahead*
+(while frame ``n − 1`` waits for its instant), so that, like a real camera whose
+readout and compression latency is constant, the only variable delay is the device's
+injected arrival jitter: at the capture instant the frame is queued to every connected
+client and sent at capture + jitter. A frame whose image is not ready by then leaves
+late (``late_frames``); more than two periods late it is skipped (``overrun``; the
+counter still advances). Each client's send is recorded (truth ``send``) so a scorer can
+tell the emulator's own lateness from the agent's error.
 
 Faults (``settings.faults``): ``dropout`` (each frame skipped with probability ``rate``;
 the counter advances), ``stall`` (frames captured but none sent; connections stay open),
@@ -35,7 +39,11 @@ Truth (``truth/camera.jsonl``): per frame ``{"type": "sample", "seq", "true_ns",
 ``stall``, ``disconnect``, ``no_client``, ``overrun``); boxes are written for sent frames
 (see :class:`hil.render.GtBox`) — plus one ``{"type": "fault", ...}`` record per fault
 when it begins, and ``{"type": "fault", "kind": "client_drop", "seq", "client"}`` when a
-slow client's queue overflowed and a queued frame was dropped for it.
+slow client's queue overflowed and a queued frame was dropped for it; per frame and
+client ``{"type": "send", "seq", "client", "sched_ns", "sent_ns", "done_ns"}`` (monotonic:
+capture + jitter, when ``sendall`` started and when it returned; ``sent_ns − sched_ns``
+is the emulator's lateness, counted ``late_sends`` past 1 ms, worst in
+``max_late_ns``).
 """
 
 from __future__ import annotations
@@ -92,6 +100,7 @@ class _Client:
         self.sock = sock
         self.addr = addr
         self.parts: deque[tuple[int, int, bytes]] = deque()
+        self.name = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.maxlen = maxlen
         self.cond = threading.Condition()
         self.closed = False
@@ -138,7 +147,9 @@ class CameraEmulator(Emulator):
         self.calibration.setdefault("height", o.height)
         self.camera = PinholeCamera.from_calibration(self.calibration, o.width, o.height)
         self.rng = np.random.default_rng(world.sc.seed * 1000 + 17)
-        self.sent.update({"captured": 0, "skipped": 0})
+        self.sent.update({"captured": 0, "skipped": 0, "late_frames": 0, "late_sends": 0})
+        #: worst lateness of a send against capture + jitter (ns)
+        self.max_late_ns = 0
         self._clients: set[_Client] = set()
         self._clients_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -258,27 +269,33 @@ class CameraEmulator(Emulator):
                     c.cond.wait(0.2)
                 if c.closed or self.stop_event.is_set():
                     return
-                send_at_ns, _seq, part = c.parts.popleft()
+                send_at_ns, seq, part = c.parts.popleft()
             delay = (send_at_ns - time.monotonic_ns()) / 1e9
             if delay > 0 and self.stop_event.wait(delay):
                 return
+            t0 = time.monotonic_ns()
             c.sock.sendall(part)
+            t1 = time.monotonic_ns()
+            late = t0 - send_at_ns
+            if late > self.max_late_ns:
+                self.max_late_ns = late
+            if late > 1_000_000:
+                self.count("late_sends")
+            self.truth.write({"type": "send", "seq": seq, "client": c.name,
+                              "sched_ns": send_at_ns, "sent_ns": t0, "done_ns": t1})
 
     # -- capture side -----------------------------------------------------------------
     def _capture_loop(self) -> None:
+        """Frame ``n``: decide faults and draw its jitter, render + encode it ahead of its
+        capture instant, wait for the instant, queue it to the clients connected then."""
         n = max(0, math.ceil((time.monotonic_ns() - self.run_t0_ns) / self.period_ns))
         seq = 0
         header = (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: ").encode()
         while not self.stop_event.is_set():
             due_ns = self.run_t0_ns + n * self.period_ns
-            wait = (due_ns - time.monotonic_ns()) / 1e9
-            if wait > 0 and self.stop_event.wait(wait):
-                return
             cpu0 = time.thread_time()
             t_s = (due_ns - self.run_t0_ns) / 1e9
             faults = self.faults(t_s)
-            self._log_faults(t_s, seq, due_ns)
-            self._disconnect_state("disconnect" in faults, due_ns)
             delay_ns = int(self.jitter.delay_s() * 1e9)
             drop = "dropout" in faults and self.rng.random() < faults["dropout"].rate
             device_ns = self.clock.device_ns(due_ns)
@@ -293,28 +310,44 @@ class CameraEmulator(Emulator):
                 reason = "stall"
             elif drop:
                 reason = "dropout"
-            else:
+            part, extra = None, {}
+            if reason is None and self.clients:
+                part, extra = self._frame(t_s, seq, device_ns, faults, header)
+            self.capture_cpu_s += time.thread_time() - cpu0
+            wait = (due_ns - time.monotonic_ns()) / 1e9
+            if wait > 0 and self.stop_event.wait(wait):
+                return
+            self._log_faults(t_s, seq, due_ns)
+            self._disconnect_state("disconnect" in faults, due_ns)
+            if reason is None and time.monotonic_ns() - due_ns > 2 * self.period_ns:
+                reason = "overrun"   # the render finished too late
+            clients: list[_Client] = []
+            if reason is None:
                 with self._clients_lock:
                     clients = list(self._clients)
                 if not clients:
                     reason = "no_client"
             self.count("captured")
             if reason is None:
-                part, extra = self._frame(t_s, seq, device_ns, faults, header)
+                if part is None:  # a client connected just now: render late
+                    part, extra = self._frame(t_s, seq, device_ns, faults, header)
                 rec.update(extra)
+                late = time.monotonic_ns() - due_ns - delay_ns
+                if late > 0:
+                    self.count("late_frames")
+                    rec["late_ns"] = late
                 for c in clients:
                     lost = c.push(due_ns + delay_ns, seq, part)
                     if lost is not None:   # a slow client: the oldest queued frame goes
                         self.truth.write({"type": "fault", "kind": "client_drop",
-                                          "seq": lost, "client": f"{c.addr[0]}:{c.addr[1]}"})
+                                          "seq": lost, "client": c.name})
                 self.count("sent")
-                rec.update(sent=True, clients=len(clients))
+                rec.update(sent=True, clients=len(clients), sched_ns=due_ns + delay_ns)
             else:
                 self.count("skipped")
                 self.count(reason)
                 rec.update(sent=False, clients=0, reason=reason)
             self.truth.write(rec)
-            self.capture_cpu_s += time.thread_time() - cpu0
             n += 1
             seq += 1
 
