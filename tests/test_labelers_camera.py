@@ -51,8 +51,11 @@ def test_trained_detector_finds_objects_in_hil_frames(labeler) -> None:
                 "visibility": b.visibility} for b in boxes]
         dets += [{"image": t, **d} for d in lab.meta["detections"]]
     s = camera_scores(gt, dets, CLASSES, min_height_px=24, min_visibility=0.5)
-    assert s["gt_boxes"] >= 4  # t=5: sign, pedestrian, cyclist; t=20 cyclist; t=30 ...
-    assert s["recall"] >= 0.75 and s["precision"] >= 0.75, s
+    # every object at least 24 px high and half visible is found with its class (t=5: sign,
+    # pedestrian, cyclist; t=20: cyclist; t=30: pedestrian, car); false positives are the
+    # model's weak side (extra classes on a car cut by the frame edge at t=5)
+    assert s["gt_boxes"] == 6 and s["recall"] == 1.0, s
+    assert s["precision"] >= 0.6 and s["map50"] >= 0.9, s
 
 
 def test_model_file_and_provenance(labeler) -> None:
@@ -110,6 +113,8 @@ def test_decode_yolo_nms_is_class_aware() -> None:
     b2, s2, c2 = decode_yolo(raw.transpose(0, 2, 1), 2, 0.25, 0.45, 100)  # [1, N, 4+C]
     assert c2.tolist() == [0, 1]
     assert decode_yolo(raw, 2, 0.95, 0.45, 100)[0].shape == (0, 4)
+    # across classes, the class-1 box on the same spot is suppressed
+    assert decode_yolo(raw, 2, 0.25, 0.45, 100, agnostic=True)[2].tolist() == [0]
 
 
 def test_names_from_metadata() -> None:

@@ -47,6 +47,8 @@ class YoloOptions(LabelerOptions):
     imgsz: list[int] | None = Field(default=None, min_length=2, max_length=2,
                                     description="[height, width] for dynamic-shape models")
     reduced_decode: bool = True
+    agnostic_nms: bool = Field(default=False, description="NMS across classes (one box per "
+                               "object even when two classes score on it)")
 
 
 def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
@@ -114,10 +116,11 @@ def letterbox(img: np.ndarray, in_h: int, in_w: int) -> tuple[np.ndarray, float,
     return canvas, s, float(px), float(py)
 
 
-def decode_yolo(out: np.ndarray, n_cls: int, conf: float, iou: float, max_det: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_yolo(out: np.ndarray, n_cls: int, conf: float, iou: float, max_det: int,
+                agnostic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw output ``[1, 4+C, N]`` (or ``[1, N, 4+C]``) → ``(boxes x0y0x1y1 K×4, scores K,
-    class ids K)`` in input pixels after the confidence filter and class-aware NMS."""
+    class ids K)`` in input pixels after the confidence filter and NMS (per class, or
+    across classes with ``agnostic``)."""
     a = np.asarray(out)[0]
     if a.shape[0] != 4 + n_cls and a.shape[1] == 4 + n_cls:
         a = a.T
@@ -131,7 +134,10 @@ def decode_yolo(out: np.ndarray, n_cls: int, conf: float, iou: float, max_det: i
     score, cls = score[keep].astype(np.float32), cls[keep]
     tl = xywh[:, :2] - xywh[:, 2:] / 2
     rects = np.concatenate([tl, xywh[:, 2:]], 1)
-    idx = cv2.dnn.NMSBoxesBatched(rects.tolist(), score.tolist(), cls.tolist(), conf, iou)
+    if agnostic:
+        idx = cv2.dnn.NMSBoxes(rects.tolist(), score.tolist(), conf, iou)
+    else:
+        idx = cv2.dnn.NMSBoxesBatched(rects.tolist(), score.tolist(), cls.tolist(), conf, iou)
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)[:max_det]
     boxes = np.concatenate([tl[idx], tl[idx] + xywh[idx, 2:]], 1)
     return boxes, score[idx], cls[idx]
@@ -176,7 +182,8 @@ class YoloDetector:
         version = meta.get("version") or str(self.sess.get_modelmeta().version)
         name = meta.get("model_name") or Path(self.path).stem
         self.model = ModelInfo.of_file(self.path, name, version,
-                                       {"conf": o.conf, "iou": o.iou})
+                                       {"conf": o.conf, "iou": o.iou,
+                                        **({"agnostic_nms": 1} if o.agnostic_nms else {})})
         self.keep = set(o.classes) if o.classes else None
 
     # -- preprocessing --------------------------------------------------------------
@@ -204,7 +211,8 @@ class YoloDetector:
         """Model and post-processing: detections with boxes in source pixels."""
         out = self.sess.run(None, {self.input_name: p.x})[0]
         boxes, scores, cls = decode_yolo(out, len(self.names), self.options.conf,
-                                         self.options.iou, self.options.max_det)
+                                         self.options.iou, self.options.max_det,
+                                         self.options.agnostic_nms)
         res = []
         for b, sc, c in zip(boxes, scores, cls):
             name = self.names[int(c)]
