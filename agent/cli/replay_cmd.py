@@ -77,6 +77,9 @@ def run_replay(session: str, rate: float = 1.0, max_rate: bool = False,
                                      time_range=(drv.start_ns, drv.end_ns)))
         for p in pubs:
             p.start()
+            where = (f"ws://127.0.0.1:{p.port} (open it in Foxglove: Open connection)"
+                     if p.name == "foxglove" else p.endpoint)
+            click.echo(f"publishing {p.name} on {where}", err=True)
         if pipe is not None:
             for p in pubs:
                 p.attach(pipe)
