@@ -1115,7 +1115,8 @@ class _Prefetch:
     """Reads and decodes ahead of the pacing thread (one helper thread, a bounded buffer
     of ``max_items`` samples / ``max_bytes``), so opening a segment or decoding a large
     scan never delays a sample that is due. ``get`` blocks until a sample is ready and
-    returns None at the end of the window (or when stopped)."""
+    returns None at the end of the window (or when stopped). With ``realtime`` it runs
+    SCHED_FIFO one level below the pacing thread (it sleeps whenever the buffer is full)."""
 
     def __init__(self, drv: "McapReplay", start_ns: int, max_items: int = 256,
                  max_bytes: int = 256 << 20):
@@ -1133,6 +1134,10 @@ class _Prefetch:
         drv = self._drv
         reader = drv.reader
         assert reader is not None
+        if drv.options.realtime:
+            # below the pacing thread, but not preempted by other processes while it holds
+            # the GIL the pacing thread is waiting for (priority inversion)
+            _try_realtime(priority=5)
         try:
             for rec in reader.records(self._start, drv.end_ns, drv.selected):
                 s = reader.sample(rec)
