@@ -1,7 +1,12 @@
 """``make demo``: the main job on the embedded default, end to end, with a summary.
 
-Today: record the synthetic rig (``examples/synthetic.toml``) for ~15 s and print what was
-recorded and verified. Run as ``python -m agent.demo [--out DIR] [--duration S]``.
+The emulated rig (``hil/scenarios/city-drive.toml``: camera over MJPEG/HTTP, Ouster
+LiDAR over UDP, NMEA GPS on a serial pty, a microphone through PulseAudio) is recorded by
+the agent with its on-device labelers, the session is uploaded over CURVE to a local
+ingest server, and the run is scored against the emulators' ground truth. Then the
+recorded session is inspected (every segment verified against its manifest).
+
+Run as ``python -m agent.demo [--out DIR] [--duration S]``.
 """
 
 from __future__ import annotations
@@ -13,29 +18,41 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent.cli.record import run_record
+from agent.cli.hil_cmd import run_scenario
 from agent.cli.render import print_inspect
 from agent.inspect import inspect_path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="demo-out")
-    ap.add_argument("--duration", type=float, default=15.0)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="demo-out", help="where the run is written (emptied)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of scenario")
+    ap.add_argument("--scenario", default="city-drive")
     args = ap.parse_args(argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    con = Console(width=110)
-    con.rule("edgecap demo: synthetic rig → record → verify")
-    pipe = run_record(str(ROOT / "examples" / "synthetic.toml"), args.duration, str(out),
-                      quiet=not sys.stderr.isatty())
-    rep = inspect_path(pipe.session_dir)
-    print_inspect(rep, con)
-    con.print(f"session {pipe.session_id}: {len(rep['segments'])} segment(s) in "
-              f"{pipe.session_dir}")
-    return 0 if rep["ok"] else 1
+    con = Console(width=150) if not sys.stdout.isatty() else Console()
+    con.rule(f"edgecap demo: emulated rig ({args.scenario}, {args.duration:g} s) → record → "
+             "pre-label → upload → score")
+    rc = run_scenario(args.scenario, args.duration, str(out), console=con)
+    runs = sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []
+    if not runs:
+        con.print("[red]the run produced no run directory[/red]")
+        return rc or 3
+    sessions = sorted(p.parent for p in (runs[-1] / "recordings").rglob("*.manifest.json"))
+    if sessions:
+        con.rule("the recorded session, verified segment by segment")
+        rep = inspect_path(sessions[-1])
+        print_inspect(rep, con)
+        labels = {k: v["messages"] for k, v in rep["streams"].items()
+                  if k.startswith("/labels/")}
+        con.print(f"pre-label messages: {labels or 'none'}")
+        con.print(f"session: {sessions[-1]}")
+        if not rep["ok"]:
+            rc = rc or 1
+    con.rule("demo " + ("passed" if rc == 0 else f"FAILED (exit {rc})"))
+    return rc
 
 
 if __name__ == "__main__":
