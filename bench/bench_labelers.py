@@ -2,9 +2,10 @@
 thread count, measured in this run.
 
 - ``camera.yolo`` throughput: a real :class:`agent.pipeline.Pipeline` (recorder on, a
-  paced 1280×720 camera at 60 fps replaying HIL-rendered city-drive JPEGs, registered like
-  a real driver) with a :class:`LabelerPool` running the shipped HIL detector on 1 intra-op
-  thread; the pool is saturated, so labels/s is its capacity. References: (a) a bare loop
+  paced 1280×720 camera replaying HIL-rendered city-drive JPEGs at 1.15× the bare model
+  rate, registered like a real driver) with a :class:`LabelerPool` running the shipped HIL
+  detector on 1 intra-op thread; the pool is saturated, so labels/s is its capacity. Each
+  pool window sits between two windows of each bare loop (shared machine); median of 3. References: (a) a bare loop
   of ``session.run`` on one ready input tensor (the model alone), (b) a bare loop doing the
   same per-frame work as the labeler (reduced JPEG decode, letterbox, run, NMS) without
   pool, queues, threads or messages. Goal ≥ 0.9× of (a).
@@ -88,6 +89,16 @@ def hil_frames(n: int = 12) -> list[bytes]:
     return out
 
 
+def _cpu_per_call(fn: Any, n: int) -> float:
+    """CPU seconds of this thread per call (ORT with 1 intra-op thread computes on the
+    calling thread, so this is the model's CPU time, whatever else the machine runs)."""
+    fn()
+    c0 = time.thread_time()
+    for _ in range(n):
+        fn()
+    return (time.thread_time() - c0) / n
+
+
 def _rate(fn: Any, seconds: float) -> float:
     fn()
     n, t0 = 0, time.perf_counter()
@@ -108,10 +119,8 @@ def _pipeline_run(rate_hz: float, seconds: float, warm_s: float = 1.0
         "recorder": {"window_s": 5.0}}, check_drivers=False)
     with tempfile.TemporaryDirectory() as tmp:
         pipe = Pipeline(cfg, out_dir=tmp)
-        pipe.open()
-        pool = LabelerPool.from_config(cfg)
-        pool.attach(pipe)
-        pool.start()
+        pipe.open()  # attaches the LabelerPool of cfg.labelers
+        pool = pipe.labelers
         pipe.start()
         time.sleep(warm_s)
         w = pool.workers[0]
@@ -120,7 +129,6 @@ def _pipeline_run(rate_hz: float, seconds: float, warm_s: float = 1.0
         time.sleep(seconds)
         n1, t1 = w.labeled, time.perf_counter()
         stats = pool.stats()["camera.yolo#0"]
-        pool.stop(1.0)
         pipe.stop()
         drops = sum(s["queue_drops"] for s in pipe.stats()["streams"].values())
     stats["raw_queue_drops"] = drops
@@ -128,7 +136,7 @@ def _pipeline_run(rate_hz: float, seconds: float, warm_s: float = 1.0
 
 
 def run(quick: bool = False) -> list[Result]:
-    secs = 3.0 if quick else 8.0
+    win = 1.5 if quick else 2.5
     FRAMES[:] = hil_frames(6 if quick else 12)
     det = YoloDetector(DEFAULT_MODEL, 1)
     x, *_ = det.preprocess(decode_for_input(FRAMES[0], det.in_h, det.in_w)[0])
@@ -136,26 +144,44 @@ def run(quick: bool = False) -> list[Result]:
     name = bare.get_inputs()[0].name
     i = iter(range(1 << 60))
 
-    bare_run = max(_rate(lambda: bare.run(None, {name: x}), secs / 2) for _ in range(2))
-    bare_full = max(_rate(lambda: det.detect_jpeg(FRAMES[next(i) % len(FRAMES)]), secs / 2)
-                    for _ in range(2))
-    pool_rates = []
-    for _ in range(1 if quick else 2):
-        r, st = _pipeline_run(60.0, secs)
-        pool_rates.append(r)
-    pool_rate = max(pool_rates)
-    _, lat = _pipeline_run(10.0, secs)
-    per_frame_ms = 1000 / bare_full
+    def bare_run() -> None:
+        bare.run(None, {name: x})
 
-    res = [
+    def bare_full() -> None:
+        det.detect_jpeg(FRAMES[next(i) % len(FRAMES)])
+
+    # this machine is shared: each pool window sits between two windows of each bare loop
+    # and the ratio is taken against their mean; the median of the pairs is reported
+    r_run, r_full, pool_rates, refs = [], [], [], []
+    for _ in range(1 if quick else 3):
+        b1, f1 = _rate(bare_run, win), _rate(bare_full, win)
+        # a camera just fast enough to saturate the labeler, no faster (capture costs CPU)
+        p, st = _pipeline_run(max(15.0, round(1.15 * b1)), win + 1.0)
+        b2, f2 = _rate(bare_run, win), _rate(bare_full, win)
+        pool_rates.append(p)
+        refs.append(((b1 + b2) / 2, (f1 + f2) / 2))
+        r_run.append(p / refs[-1][0])
+        r_full.append(p / refs[-1][1])
+    k = int(np.argsort(r_run)[len(r_run) // 2])
+    pool_rate, (ref_run, ref_full) = pool_rates[k], refs[k]
+    _, lat = _pipeline_run(10.0, 3 * win)
+    per_frame_ms = 1000 / ref_full
+    # contention-free view: CPU per label on the pool's model thread (and its prepare
+    # thread) against CPU per bare session.run, all measured with thread_time
+    cpu_bare = _cpu_per_call(bare_run, 20 if quick else 60)
+    per_label = st["cpu_s"] / max(1, st["labeled"])
+    per_prep = st["prepare_cpu_s"] / max(1, st["labeled"])
+    capacity = 1.0 / max(per_label, per_prep)
+
+    return [
         Result("camera.yolo labels/s in pipeline vs bare session.run", pool_rate, "labels/s",
-               f"bare onnxruntime loop {bare_run:.1f}/s (1 thread)", pool_rate / bare_run, 0.9,
-               extra={"bare_run_per_s": bare_run, "pool_runs": pool_rates,
-                      "skipped": st["skipped"], "raw_queue_drops": st["raw_queue_drops"],
-                      "model": str(DEFAULT_MODEL), "input": [det.in_h, det.in_w]}),
+               f"bare onnxruntime loop {ref_run:.1f}/s (1 thread)", float(np.median(r_run)),
+               0.9, extra={"ratios": r_run, "pool_rates": pool_rates, "refs": refs,
+                           "skipped": st["skipped"], "raw_queue_drops": st["raw_queue_drops"],
+                           "model": str(DEFAULT_MODEL), "input": [det.in_h, det.in_w]}),
         Result("camera.yolo labels/s in pipeline vs bare same-work loop", pool_rate,
-               "labels/s", f"decode+letterbox+run+NMS loop {bare_full:.1f}/s",
-               pool_rate / bare_full, 0.9, extra={"bare_full_per_s": bare_full}),
+               "labels/s", f"decode+letterbox+run+NMS loop {ref_full:.1f}/s",
+               float(np.median(r_full)), 0.9, extra={"ratios": r_full}),
         Result("camera.yolo label latency p50 @10 fps", lat["latency_ms_p50"] or 0.0, "ms",
                f"bare per-frame work {per_frame_ms:.1f} ms", (lat["latency_ms_p50"] or 0.0)
                / per_frame_ms, None, higher_is_better=False,
@@ -163,10 +189,16 @@ def run(quick: bool = False) -> list[Result]:
         Result("camera.yolo label latency p99 @10 fps", lat["latency_ms_p99"] or 0.0, "ms",
                f"bare per-frame work {per_frame_ms:.1f} ms", (lat["latency_ms_p99"] or 0.0)
                / per_frame_ms, None, higher_is_better=False),
+        Result("camera.yolo CPU-bound capacity in pipeline vs bare session.run", capacity,
+               "labels/s", f"bare session.run {cpu_bare * 1000:.1f} CPU-ms/frame",
+               capacity * cpu_bare, 0.9,
+               ratio_desc="1/max(model-thread, prepare-thread CPU per label) ÷ 1/bare CPU",
+               extra={"model_thread_cpu_ms": per_label * 1000,
+                      "prepare_thread_cpu_ms": per_prep * 1000,
+                      "bare_cpu_ms": cpu_bare * 1000}),
+        _vad(win * 2),
+        _lidar(quick),
     ]
-    res.append(_vad(secs))
-    res.append(_lidar(quick))
-    return res
 
 
 def _vad(secs: float) -> Result:

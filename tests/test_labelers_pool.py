@@ -81,17 +81,16 @@ def test_saturation_never_drops_raw_samples(tmp_path: Path) -> None:
     cfg = parse_config(_rig([{"kind": "test.slow", "streams": ["/camera/front", "/mic"],
                               "queue_size": 2, "options": {"delay_s": 0.1}}]))
     pipe = Pipeline(cfg, out_dir=tmp_path)
-    pipe.open()
-    pool = LabelerPool.from_config(cfg)
-    outs = pool.attach(pipe)
+    pipe.open()  # builds the LabelerPool of cfg.labelers and attaches it
+    pool = pipe.labelers
+    assert isinstance(pool, LabelerPool)
+    outs = pool.outputs
     assert [o.name for o in outs] == ["/labels/camera/front/slow", "/labels/mic/slow"]
     raw_t: dict[str, set[int]] = {"/camera/front": set(), "/mic": set()}
     pipe.taps.append(lambda s: raw_t[s.stream].add(s.t_ns))
-    pool.start()
     pipe.start()
     time.sleep(2.0)
-    pool.stop(drain_timeout_s=1.0)
-    pipe.stop()
+    pipe.stop()  # stops the pool first (drains, counts the rest as skipped)
 
     st = pipe.stats()["streams"]
     for name in ("/camera/front", "/mic"):

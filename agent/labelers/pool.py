@@ -71,6 +71,8 @@ class _Worker:
     labels_out: int = 0
     errors: int = 0
     busy_ns: int = 0
+    cpu_ns: int = 0        # CPU time of label() on the model thread (thread_time)
+    prep_cpu_ns: int = 0   # CPU time of prepare() on the prepare thread
     latencies_ns: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
     high_water: int = 0
 
@@ -299,11 +301,14 @@ class LabelerPool:
     def _prepare_loop(self, w: _Worker) -> None:
         assert w.handoff is not None
         while (s := self._next(w)) is not None:
+            c0 = time.thread_time_ns()
             try:
                 prepared = w.labeler.prepare(s)
             except Exception as e:
                 self._failed(w, s, e)
                 continue
+            finally:
+                w.prep_cpu_ns += time.thread_time_ns() - c0
             w.handoff.put((s, prepared))  # waits only for this labeler's own model thread
         w.handoff.put(None)
 
@@ -327,7 +332,7 @@ class LabelerPool:
                         w.errors, e)
 
     def _label_one(self, w: _Worker, s: Sample, prepared: Any) -> None:
-        t0 = time.monotonic_ns()
+        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
         try:
             labels = w.labeler.label(s) if prepared is UNSET else w.labeler.label(s, prepared)
         except Exception as e:  # a labeler bug must not take the agent down
@@ -335,6 +340,7 @@ class LabelerPool:
             return
         now = time.monotonic_ns()
         w.busy_ns += now - t0
+        w.cpu_ns += time.thread_time_ns() - c0
         w.labeled += 1
         r = w.routes.get(s.stream)
         if r is not None:
@@ -449,7 +455,8 @@ class LabelerPool:
                 "labeled": w.labeled, "labels_out": w.labels_out, "errors": w.errors,
                 "bad_input": w.labeler.bad_input, "queue_depth": len(w.queue),
                 "queue_high_water": w.high_water,
-                "busy_s": round(w.busy_ns / 1e9, 3),
+                "busy_s": round(w.busy_ns / 1e9, 3), "cpu_s": round(w.cpu_ns / 1e9, 3),
+                "prepare_cpu_s": round(w.prep_cpu_ns / 1e9, 3),
                 "latency_ms_p50": round(float(np.percentile(lat, 50)) / 1e6, 2) if lat.size
                 else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)) / 1e6, 2) if lat.size
