@@ -88,6 +88,8 @@ class Pipeline:
         self.started_ns = 0
         self.driver_failures: dict[str, int] = {}
         self.recovered: list[dict[str, Any]] = []
+        #: the on-device labeler pool (agent.labelers.pool.LabelerPool) when configured
+        self.labelers: Any = None
 
     # -- lifecycle --------------------------------------------------------------------
     def open(self) -> None:
@@ -121,6 +123,8 @@ class Pipeline:
         for info in self.clock.quality_stream_infos():
             self.add_stream(info, 16, 1 << 20)
         self._make_recorder()
+        if self.cfg.labelers and self.labelers is None:
+            self._attach_labelers()
 
     def _lock_out_dir(self) -> None:
         """One recorder per output directory: a second one would race the first's
@@ -170,10 +174,11 @@ class Pipeline:
         self.retention.periodic.append(
             lambda: self.triggers.poll_manual(self.out_dir, self.timebase.from_monotonic))
         self.retention.periodic.append(self._emit_clock_quality)
+        self.retention.adopt_existing(skip=self.session_dir)
         self.recorder.initial_retention = lambda: self.retention.initial_state
         self.recorder.on_closed.append(self.retention.on_closed)
         self.recorder.quality = QualityMonitor(
-            dict(self.infos), self.cfg.provenance.model_dump(),
+            self.infos, self.cfg.provenance.model_dump(),
             required={s.name for s in self.cfg.streams if s.required and s.name in self.infos})
         for name, info in self.infos.items():
             drv = self._driver_of.get(name)
@@ -208,6 +213,41 @@ class Pipeline:
                                 for i in self.infos.values()},
         }
         return meta
+
+    def _attach_labelers(self) -> None:
+        """Load the configured labelers (models are read now, before capture starts),
+        declare their label streams and feed their results to the triggers."""
+        from .labelers.pool import LabelerPool
+
+        self.labelers = LabelerPool.from_config(self.cfg)
+        self.labelers.attach(self)
+        if self.triggers.configured:
+            self.labelers.subscribe(self._on_label)
+
+    def _on_label(self, label: Sample, dets: list[dict[str, Any]]) -> None:
+        """Labeler worker thread: hand one label's detections to the trigger rules, with
+        image boxes normalised to 0..1 of the source image."""
+        by_src: dict[str, list[dict[str, Any]]] = {}
+        for d in dets:
+            by_src.setdefault(d.get("stream", label.stream), []).append(d)
+        for src, ds in by_src.items():
+            info = self.infos.get(src)
+            w = h = None
+            if info is not None:
+                w, h = info.params.get("width"), info.params.get("height")
+            boxes = []
+            segs = []
+            for d in ds:
+                if "start_ns" in d:
+                    segs.append({"kind": d.get("cls"), "start_ns": d["start_ns"],
+                                 "end_ns": d.get("end_ns", d["start_ns"])})
+                    continue
+                b = d.get("box")
+                if b is not None and w and h:
+                    b = [b[0] / w, b[1] / h, b[2] / w, b[3] / h]
+                boxes.append({"cls": d.get("cls"), "score": d.get("score", 1.0), "box": b})
+            self.triggers.on_label({"stream": src, "t_ns": label.t_ns, "detections": boxes,
+                                    "segments": segs})
 
     def _emit_clock_quality(self) -> None:
         """Housekeeping (retention thread, 1 Hz): the per-device clock-quality and the
@@ -245,6 +285,8 @@ class Pipeline:
         assert self.recorder is not None, "open() first"
         self.recorder.start()
         self.retention.start()
+        if self.labelers is not None:
+            self.labelers.start()
         for d in self.drivers:
             t = threading.Thread(target=self._read_loop, args=(d,), name=f"reader:{d.name}",
                                  daemon=True)
@@ -305,6 +347,8 @@ class Pipeline:
     def stop(self) -> None:
         """Stop capture: close drivers, join readers, then drain and close the recorder."""
         self._stopping.set()
+        if self.labelers is not None:
+            self.labelers.stop()
         for d in self.drivers:
             try:
                 d.close()

@@ -127,7 +127,10 @@ class QualityMonitor:
             sp = s.payload.get("speed_mps")
             if sp is not None and sp < self.th.still_speed_mps:
                 q.still += 1
-        elif kind == StreamKind.LABEL and s.meta.get("privacy") == "speech":
+        elif kind == StreamKind.LABEL and (
+                s.meta.get("privacy") == "speech"
+                or (isinstance(s.payload, dict) and s.payload.get("privacy") == "speech")
+                or any(d.get("privacy") == "speech" for d in s.meta.get("detections", ()))):
             q.speech += 1
 
     def _camera(self, q: _StreamQ, s: Sample) -> None:

@@ -51,6 +51,9 @@ class _Seg:
     triggers: list[str]
     size: int
     closed_mono_ns: int
+    #: from an earlier session (found at start): decided by that session's trigger log
+    adopted: bool = False
+    windows: list[tuple[int, int, list[str], int]] | None = None
 
 
 def spool_usage(root: Path) -> int:
@@ -94,6 +97,42 @@ class Retention:
         """``retention`` to write into a manifest at close."""
         return "pending" if self.engine.configured else "keep"
 
+    def _match(self, seg: _Seg) -> tuple[list[str], int]:
+        if not seg.adopted:
+            return self.engine.match(*seg.window)
+        names: set[str] = set()
+        prio = 0
+        for a, b, ns, p in seg.windows or []:
+            if a < seg.window[1] and seg.window[0] < b:
+                names |= set(ns)
+                prio = max(prio, p)
+        return sorted(names), prio
+
+    def adopt_existing(self, skip: Path | None = None) -> int:
+        """At start: take over the segments earlier sessions left in the spool, so their
+        quota, expiry and undecided (``pending``, e.g. after a crash) segments are handled;
+        pending ones are decided against that session's ``triggers.jsonl``. Returns how
+        many were adopted. Never raises."""
+        n = 0
+        for mp in sorted(self.out_dir.glob(f"*/*{MANIFEST_SUFFIX}")):
+            if skip is not None and mp.parent == skip:
+                continue
+            seg = mp.with_name(mp.name.removesuffix(MANIFEST_SUFFIX) + ".mcap")
+            try:
+                man = read_manifest(mp)
+                windows = _session_windows(mp.parent)
+                st = seg.stat()
+            except Exception:
+                continue
+            with self._lock:
+                self.segments[seg] = _Seg(seg, (man.get("window_start_ns") or 0,
+                                                man.get("window_end_ns") or 0),
+                                          man.get("retention", "keep"),
+                                          man.get("triggers", []), st.st_size,
+                                          time.monotonic_ns(), adopted=True, windows=windows)
+            n += 1
+        return n
+
     def on_closed(self, path: Path, manifest: dict[str, Any]) -> None:
         """Recorder hook (writer thread): remember a closed segment."""
         with self._lock:
@@ -132,16 +171,19 @@ class Retention:
             segs = list(self.segments.values())
         for seg in segs:
             if seg.retention == "pending":
-                names, prio = self.engine.match(*seg.window)
+                names, prio = self._match(seg)
                 if names:
                     self._set(seg, "keep", names, prio)
-                elif now >= seg.window[1] + horizon:
+                elif final or now >= seg.window[1] + horizon:
+                    # at stop no trigger can come any more: decide now
                     self._set(seg, "untriggered", [], 0)
-            elif seg.retention == "keep" and self.engine.configured:
+            elif seg.retention == "keep" and self.engine.configured and not seg.adopted:
                 names, prio = self.engine.match(*seg.window)
                 if set(names) - set(seg.triggers):  # a later window reached it too
                     self._set(seg, "keep", names, prio)
-            if seg.retention == "untriggered" and now >= seg.window[1] + self.keep_ns:
+            if seg.retention == "untriggered" and (
+                    (seg.adopted and time.monotonic_ns() - seg.closed_mono_ns >= self.keep_ns)
+                    or (not seg.adopted and now >= seg.window[1] + self.keep_ns)):
                 self._delete(seg, "expired")
         if self.quota is not None:
             self._enforce_quota()
@@ -219,6 +261,22 @@ class Retention:
                 states[s.retention] = states.get(s.retention, 0) + 1
         return {**self.counts, "states": states, "degraded": list(self.degraded),
                 "alerts": self.alerts[-5:]}
+
+
+def _session_windows(session_dir: Path) -> list[tuple[int, int, list[str], int]]:
+    """The trigger windows a session logged (``triggers.jsonl``), unmerged."""
+    out = []
+    try:
+        for line in (session_dir / "triggers.jsonl").read_text().splitlines():
+            try:
+                d = json.loads(line)
+                out.append((int(d["start_ns"]), int(d["end_ns"]), [str(d["name"])],
+                            int(d.get("priority", 0))))
+            except (ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        pass
+    return out
 
 
 def is_uploadable(manifest: dict[str, Any]) -> bool:

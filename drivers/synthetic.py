@@ -40,6 +40,10 @@ class _Paced(Driver):
         return int(1e9 / (self.rate_hz or self.default_rate))
 
     def _samples(self) -> Iterator[Sample]:
+        # the clock starts when capture starts, not at open(): opening other devices or
+        # loading models in between must not turn into a burst of overdue samples
+        self._t0 = time.monotonic_ns()
+        self._n = 0
         while not self.stopping:
             due = self._t0 + self._n * self.period_ns
             delay = (due - time.monotonic_ns()) / 1e9

@@ -158,3 +158,23 @@ def test_uploader_takes_only_decided_segments(tmp_path: Path) -> None:
     write_manifest(p, man)
     (b,) = spool.scan()
     assert b.triggered and b.path == p
+
+
+def test_segments_of_an_earlier_session_are_adopted_and_decided(tmp_path: Path) -> None:
+    """After a crash an earlier session's pending segments are decided by its own
+    trigger log; untriggered ones expire, kept ones stay."""
+    old = tmp_path / "rig_20260101T000000Z_0001"
+    old.mkdir()
+    a, _ = _fake_segment(old, "rig_20260101T000000Z_0001_00000", 0, 10, "pending")
+    b, _ = _fake_segment(old, "rig_20260101T000000Z_0001_00001", 5, 10, "pending")
+    (old / "triggers.jsonl").write_text(json.dumps(
+        {"name": "mark", "t_ns": 0, "start_ns": 0, "end_ns": S // 2, "priority": 3}) + "\n")
+    ret = Retention(tmp_path, TriggerEngine([]), keep_s=0.0001, quota_bytes=None)
+    assert ret.adopt_existing() == 2
+    ret.tick()
+    man_a = json.loads(manifest_path(a).read_text())
+    assert man_a["retention"] == "keep" and man_a["triggers"] == ["mark"]
+    assert man_a["priority"] == 3
+    time.sleep(0.01)
+    ret.tick()  # b was decided untriggered, then expired
+    assert not b.exists() and a.exists()
