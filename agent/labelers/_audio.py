@@ -10,6 +10,7 @@ at every block, so device drift cannot accumulate. A block whose ``t_ns`` is mor
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -84,20 +85,15 @@ class Resampler:
         seq = np.concatenate([self._last, y])
         seq_base = base - len(self._last)
         end = base + len(y)  # exclusive, in input index
-        pos = []
-        j = self._n_out
-        while True:
-            p = j * self.ratio
-            if p + 1 >= end:
-                break
-            if p >= seq_base:
-                pos.append(p)
-            j += 1
-        self._n_out = j
+        # outputs j whose position p = j·ratio has both neighbours known: p + 1 < end
+        j_end = max(self._n_out, math.ceil((end - 1) / self.ratio - 1e-9))
+        pos = np.arange(self._n_out, j_end) * self.ratio
+        self._n_out = j_end
         self._last = seq[-1:]
-        if not pos:
+        pos = pos[pos >= seq_base]
+        if not len(pos):
             return np.zeros(0, np.float32)
-        p = np.asarray(pos) - seq_base
+        p = pos - seq_base
         i0 = np.floor(p).astype(np.int64)
         f = (p - i0).astype(np.float32)
         return (seq[i0] * (1 - f) + seq[np.minimum(i0 + 1, len(seq) - 1)] * f).astype(
