@@ -20,8 +20,9 @@ Beyond the fit:
 - **Jumps.** A sample whose residual is beyond the jump threshold (``jump_threshold_ns``
   or 6× the measured mean delay, whichever is larger) either way is *suspect* and not
   used. ``jump_confirm`` consecutive suspects spanning ``jump_confirm_s`` of device time
-  whose floor is flat (a queue draining after a stall is not; under 1 s, twice as many
-  suspects, so that a stall's few late samples cannot pass for flat) mean the device clock
+  whose floor is flat (a queue draining after a stall is not; a late-looking run under
+  1 s needs twice as many suspects over 0.8 s, so that a stall cannot pass) and tight
+  (most within a few delay scales of the floor) mean the device clock
   stepped (reboot, a LiDAR switching to PTP): the estimator restarts from them with the old
   skew as a prior (precision-weighted against the new data, dropped if they disagree) and
   is LOCKED again once ``lock_min_samples`` samples span ``lock_span_s`` -- about 1.1 s
@@ -63,10 +64,13 @@ _LN2 = math.log(2.0)
 #: assumed spread of oscillator skews before one is measured (±200 ppm)
 _SKEW_SPREAD = 200e-6
 #: a suspect run this many ``jump_confirm_s`` long is a jump even if not flat
-_FORCE_RUN = 10
-#: a jump smaller than this needs twice ``jump_confirm`` suspects: a host or device stall
-#: of tens of ms (frames late, then none, then late again) can look flat over 3 samples,
-#: while real clock changes (reboot, PTP switch) are mostly far larger
+_FORCE_RUN = 25
+#: a run of *late* suspects (device time stepped back, or everything arrives late) smaller
+#: than this needs twice ``jump_confirm`` suspects over 4× ``jump_confirm_s``: a host or
+#: device stall of tens of ms (frames late, then none, then late again) can look flat for a
+#: few hundred ms, while real clock changes (reboot, PTP switch) are mostly far larger, and
+#: lateness never makes samples look early. The new segment still starts at the run's first point, so the re-lock time
+#: (~1 s at 10 Hz) does not grow
 _SMALL_JUMP_NS = 1_000_000_000
 #: a skew known better than this (1σ) is kept as the prior across a jump or step
 _PRIOR_MAX = 20e-6
@@ -202,9 +206,9 @@ class ClockEstimator:
         off = rx - dev
         key = (off - ya) - s * x  # detrended offset
         r = key - a               # residual above the line
+        if r < 0.0 and self._undo is not None and self._undo_fits(dev, rx):
+            return self.update(dev, rx)  # the "jump" was a burst of late samples
         if (r > self._thr or r < -self._thr) and self._suspicious(r, x):
-            if r < 0.0 and self._undo is not None and self._undo_fits(dev, rx):
-                return self.update(dev, rx)  # the "jump" was a burst of late samples
             if r < 0.0 and self._seg_samples < self.params.lock_min_samples:
                 self.restarts += 1  # the few samples so far were late, not these
                 self._new_segment(dev, rx)
@@ -372,25 +376,32 @@ class ClockEstimator:
         """A run of consecutive suspects is a jump once it has ``jump_confirm`` samples,
         spans ``jump_confirm_s`` of device time and is *flat*: the floor of its older half
         matches the floor of its newer half (a queue draining after a stall is not flat;
-        spikes do not move a floor). A run that lasts ``_FORCE_RUN`` confirm spans is taken
-        as a jump regardless."""
+        spikes do not move a floor) and two thirds of it lie within a few delay scales of
+        that floor (a burst of late samples is scattered). A run that lasts ``_FORCE_RUN``
+        confirm spans is taken as a jump regardless."""
         self.suspects += 1
         sus = self._suspect
         if not sus:
             self._run_first_dev = dev
         sus.append((dev, rx, r))
-        if len(sus) < self.params.jump_confirm or (
-                len(sus) < 2 * self.params.jump_confirm and abs(r) < _SMALL_JUMP_NS):
+        # late-looking (r > 0) and small: could be a stall; early-looking runs cannot
+        small = 0.0 < r < _SMALL_JUMP_NS
+        if len(sus) < self.params.jump_confirm * (2 if small else 1):
             return
         span = abs(dev - self._run_first_dev)
-        if span < self._confirm_span_ns:
+        if span < self._confirm_span_ns * (4 if small else 1):
             return
         rs = [e[2] for e in sus]
         h = len(rs) // 2
-        flat = abs(min(rs[:h]) - min(rs[h:])) <= self._thr / 2
-        if not flat and span < _FORCE_RUN * self._confirm_span_ns:
-            return
         lo = min(rs[h:])
+        flat = abs(min(rs[:h]) - lo) <= self._thr / 2
+        # after a real jump the delays are the path's usual ones: most residuals sit within
+        # a few delay scales of the new floor; a burst of late samples (host or device
+        # stall) scatters over tens of ms and is not a jump
+        near = max(3.0 * self._delay_scale, 1_000_000.0)
+        tight = 3 * sum(1 for v in rs if v - lo <= near) >= 2 * len(rs)
+        if not (flat and tight) and span < _FORCE_RUN * self._confirm_span_ns:
+            return
         pts = sorted(e for e in sus if abs(e[2] - lo) <= self._thr)
         sus.clear()
         self.jumps += 1
