@@ -97,34 +97,40 @@ class Pipeline:
         opened are closed again and DriverError names the stream."""
         from .recovery import recover_all
 
+        if self.cfg.labelers and self.labelers is None:
+            # models load before any device opens: a missing model is a set-up error
+            from .labelers.pool import LabelerPool
+
+            self.labelers = LabelerPool.from_config(self.cfg)
         self._lock_out_dir()
-        self.recovered = recover_all(self.out_dir, self.cfg.recorder.fsync_interval_s)
         opened: list[Driver] = []
         try:
+            self.recovered = recover_all(self.out_dir, self.cfg.recorder.fsync_interval_s)
             for d in self.drivers:
                 try:
                     d.open()
                 except DriverError as e:
                     raise DriverError(f"stream {d.name} ({d.key} {d.uri}): {e}") from e
                 opened.append(d)
+            stream_cfg = {s.name: s for s in self.cfg.streams}
+            for d in self.drivers:
+                sc = stream_cfg.get(d.name)
+                for info in d.streams():
+                    self.add_stream(info, sc.queue_size if sc else 64,
+                                    int((sc.queue_mb if sc else 256) * (1 << 20)),
+                                    sc.drop_policy if sc else "drop_oldest", d)
+                    if not d.device_clock_is_timebase:
+                        self.clock.configure_stream(info)
+            for info in self.clock.quality_stream_infos():
+                self.add_stream(info, 16, 1 << 20)
+            self._make_recorder()
+            if self.labelers is not None:
+                self._attach_labelers()
         except BaseException:
             for d in opened:
                 d.close()
+            self._unlock_out_dir()
             raise
-        stream_cfg = {s.name: s for s in self.cfg.streams}
-        for d in self.drivers:
-            sc = stream_cfg.get(d.name)
-            for info in d.streams():
-                self.add_stream(info, sc.queue_size if sc else 64,
-                                int((sc.queue_mb if sc else 256) * (1 << 20)),
-                                sc.drop_policy if sc else "drop_oldest", d)
-                if not d.device_clock_is_timebase:
-                    self.clock.configure_stream(info)
-        for info in self.clock.quality_stream_infos():
-            self.add_stream(info, 16, 1 << 20)
-        self._make_recorder()
-        if self.cfg.labelers and self.labelers is None:
-            self._attach_labelers()
 
     def _lock_out_dir(self) -> None:
         """One recorder per output directory: a second one would race the first's
@@ -139,6 +145,11 @@ class Pipeline:
             os.close(self._lock_fd)
             raise RecorderError(f"{self.out_dir} is in use by another edgecap recorder "
                                 "(one recorder per output directory)") from None
+
+    def _unlock_out_dir(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def add_stream(self, info: StreamInfo, max_items: int = 64, max_bytes: int = 256 << 20,
                    policy: str = "drop_oldest", driver: Driver | None = None) -> StreamQueue:
@@ -215,11 +226,7 @@ class Pipeline:
         return meta
 
     def _attach_labelers(self) -> None:
-        """Load the configured labelers (models are read now, before capture starts),
-        declare their label streams and feed their results to the triggers."""
-        from .labelers.pool import LabelerPool
-
-        self.labelers = LabelerPool.from_config(self.cfg)
+        """Declare the labelers' label streams and feed their results to the triggers."""
         self.labelers.attach(self)
         if self.triggers.configured:
             self.labelers.subscribe(self._on_label)
@@ -359,9 +366,7 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.stop()
             self.retention.stop()
-        if getattr(self, "_lock_fd", None) is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._unlock_out_dir()
         self.timebase.close()
 
     # -- status -----------------------------------------------------------------------

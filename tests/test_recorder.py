@@ -172,3 +172,33 @@ def test_sigterm_during_record_leaves_only_closed_valid_segments(tmp_path: Path,
         assert verify_segment(s) == []
     rep = inspect_path(sessions[0])
     assert rep["ok"] and rep["streams"]["/camera/front"]["messages"] >= 30
+
+
+def test_one_recorder_per_output_directory(tmp_path: Path) -> None:
+    from agent.errors import RecorderError
+
+    a = Pipeline(parse_config(RIG), out_dir=tmp_path)
+    a.open()
+    b = Pipeline(parse_config(RIG), out_dir=tmp_path)
+    with pytest.raises(RecorderError, match="in use by another edgecap recorder"):
+        b.open()
+    a.start()
+    a.stop()
+    c = Pipeline(parse_config(RIG), out_dir=tmp_path)  # released at stop
+    c.open()
+    c.start()
+    c.stop()
+
+
+def test_failed_open_releases_devices_and_directory(tmp_path: Path) -> None:
+    from agent.errors import DriverError
+
+    rig = {**RIG, "streams": RIG["streams"] + [
+        {"name": "/cam2", "driver": "camera.opencv", "uri": "/dev/video99"}]}
+    p = Pipeline(parse_config(rig), out_dir=tmp_path)
+    with pytest.raises(DriverError, match="/cam2"):
+        p.open()
+    q = Pipeline(parse_config(RIG), out_dir=tmp_path)
+    q.open()
+    q.start()
+    q.stop()

@@ -11,6 +11,7 @@ import click
 
 from agent.config import load_config
 from agent.errors import ConfigError, DriverError, RecorderError
+from agent.labelers import LabelerError
 from agent.pipeline import Pipeline
 
 from .render import print_inspect, status_line
@@ -65,6 +66,9 @@ def record(config: str, duration: float | None, out: str | None, quiet: bool) ->
         pipe = run_record(config, duration, out, quiet)
     except ConfigError as e:
         click.echo(str(e), err=True)
+        sys.exit(2)
+    except LabelerError as e:
+        click.echo(f"cannot load labelers: {e}", err=True)
         sys.exit(2)
     except DriverError as e:
         click.echo(f"cannot open device: {e}", err=True)
