@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "agent.cli.sync_cmd",
     "agent.cli.replay_cmd",
     "agent.cli.hil_cmd",
+    "agent.cli.checksync_cmd",
 ]
 
 
