@@ -373,13 +373,19 @@ class _Stream:
         self.refs = 0              # reference samples (PPS edges) this stream carried
 
 
+#: a reference sample whose arrival is further than this from what the domain's arrival
+#: fallback maps its device time to is mislabelled (PPS labels assume NMEA < 0.5 s late)
+_REF_LABEL_TOL_NS = 500_000_000
+
+
 class _Domain:
     """Streams sharing one device clock. ``ref`` learns only from reference samples (PPS
     edges); ``fallback`` from the members' other samples (their arrival). Members may be
     stamped from different reader threads: ``lock`` serialises the estimators."""
 
     __slots__ = ("name", "ref", "fallback", "ref_source", "fallback_source", "lock",
-                 "ref_samples", "mapped_ref", "mapped_fallback", "holdover_ns")
+                 "ref_samples", "mapped_ref", "mapped_fallback", "holdover_ns",
+                 "ref_rejected")
 
     def __init__(self, name: str, holdover_ns: int):
         self.name = name
@@ -391,6 +397,7 @@ class _Domain:
         self.ref_samples = 0
         self.mapped_ref = 0        # member samples mapped by the reference estimator
         self.mapped_fallback = 0   # ... and by the arrival fallback
+        self.ref_rejected = 0      # references the arrival fallback contradicts (> 0.5 s)
         self.holdover_ns = holdover_ns
 
     def ref_usable(self, dev: int) -> bool:
@@ -550,6 +557,14 @@ class ClockStage:
                 d.ref_samples += 1
                 if isinstance(meta.get("clock_ref"), str):
                     d.ref_source = meta["clock_ref"]
+                fb = d.fallback
+                if (fb is not None and fb.last_dev_ns is not None
+                        and abs(rx - fb.map(dev)) > _REF_LABEL_TOL_NS):
+                    # a reference labelled with the wrong second (its label came from a
+                    # late NMEA epoch): the members' own arrivals disagree by ~1 s
+                    d.ref_rejected += 1
+                    sample.t_ns = rx
+                    return
                 if d.ref is None:
                     d.ref = ClockEstimator(self.options.params(st.name))
                 elif meta.get("discontinuity"):
@@ -641,8 +656,8 @@ class ClockStage:
         else:
             q = est.quality()
         q.update(source=st.source, domain=d.name, ref_samples=d.ref_samples,
-                 mapped_by_ref=d.mapped_ref, mapped_by_fallback=d.mapped_fallback,
-                 samples=st.samples)
+                 ref_rejected=d.ref_rejected, mapped_by_ref=d.mapped_ref,
+                 mapped_by_fallback=d.mapped_fallback, samples=st.samples)
         if use_ref and d.fallback is not None and d.fallback.last_dev_ns is not None:
             # what the members' own arrivals say: the receiver's output latency
             dv = d.fallback.last_dev_ns

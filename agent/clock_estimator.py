@@ -21,7 +21,7 @@ Beyond the fit:
   or 6× the measured mean delay, whichever is larger) either way is *suspect* and not
   used. ``jump_confirm`` consecutive suspects spanning ``jump_confirm_s`` of device time
   whose floor is flat (a queue draining after a stall is not; a late-looking run under
-  1 s needs twice as many suspects over 0.8 s, so that a stall cannot pass) and tight
+  0.5 s needs twice as many suspects over 0.8 s, so that a stall cannot pass) and tight
   (most within a few delay scales of the floor) mean the device clock
   stepped (reboot, a LiDAR switching to PTP): the estimator restarts from them with the old
   skew as a prior (precision-weighted against the new data, dropped if they disagree) and
@@ -71,7 +71,7 @@ _FORCE_RUN = 25
 #: few hundred ms, while real clock changes (reboot, PTP switch) are mostly far larger, and
 #: lateness never makes samples look early. The new segment still starts at the run's first point, so the re-lock time
 #: (~1 s at 10 Hz) does not grow
-_SMALL_JUMP_NS = 1_000_000_000
+_SMALL_JUMP_NS = 500_000_000
 #: a skew known better than this (1σ) is kept as the prior across a jump or step
 _PRIOR_MAX = 20e-6
 #: least 1σ of the skew carried over a jump: the device may have changed its time source
@@ -118,6 +118,8 @@ class EstimatorParams:
     lock_uncertainty_ns: int = 1_000_000  #: LOCKED needs the stated uncertainty below this
     step_min_ns: int = 300_000      #: smallest floor shift treated as a step
     latency_ns: int = 0             #: known fixed one-way latency, subtracted when mapping
+    max_skew_ppm: float = 1000.0    #: fitted skews are clamped to ±this (no oscillator is
+    #:                                 further off; a steeper hull edge is a floor change)
     residual_ring: int = 64         #: recent residuals kept for the jitter estimate
 
     def __post_init__(self) -> None:
@@ -152,6 +154,7 @@ class ClockEstimator:
         self._rebuild_every = max(1, int(round(p.rebuild_s / p.bucket_s)))
         self._confirm_span_ns = int(p.jump_confirm_s * 1e9)
         self._thr = float(p.jump_threshold_ns)
+        self._max_skew = p.max_skew_ppm * 1e-6
         self.latency_ns = int(p.latency_ns)
         # counters, read by anyone
         self.samples = 0
@@ -287,7 +290,9 @@ class ClockEstimator:
         prior (±200 ppm) that only says where to start."""
         good = trust and self._seg_samples >= self.params.lock_min_samples and (
             self._sigma <= _PRIOR_MAX)
-        self._prior_s = s
+        # a weak prior starts within the nominal spread: a skew fitted to a few bad points
+        # (mislabelled PPS edges, a burst) must not pull what follows
+        self._prior_s = s if good else max(-_SKEW_SPREAD, min(_SKEW_SPREAD, s))
         self._prior_sigma = max(self._sigma, 1e-7) if good else _SKEW_SPREAD
         self._prior_dev = self.last_dev_ns or 0
 
@@ -494,6 +499,7 @@ class ClockEstimator:
             # precision-weighted with the prior (the old skew, or nominal ±200 ppm)
             w_lp, w0 = 1.0 / (sig_lp * sig_lp), 1.0 / (sp * sp)
             s = (s_lp * w_lp + s0 * w0) / (w_lp + w0)
+            s = max(-self._max_skew, min(self._max_skew, s))
             sig = 1.0 / math.sqrt(w_lp + w0)
         else:
             s, sig = s0, sp

@@ -30,10 +30,12 @@ def gps_stage(**options) -> ClockStage:
 def simulate_gps(stage: ClockStage, dur_s: float, *, ppm: float = 60.0,
                  offset_ns: int = 0, latency_ms: float = 25.0, rate_hz: float = 10.0,
                  pps: bool = True, pps_off: tuple[float, float] | None = None,
-                 seed: int = 0) -> list[tuple[Sample, int, float]]:
+                 mislabel: frozenset[int] = frozenset(), seed: int = 0
+                 ) -> list[tuple[Sample, int, float]]:
     """A receiver whose UTC runs ``ppm`` fast from ``UTC0 + offset_ns``: fixes every
     1/rate of UTC, their NMEA arriving ``latency_ms`` + exponential(2 ms) (1 % spikes of
-    50 ms) after the fix instant; PPS edges at whole UTC seconds stamped |N(0, 1 µs)| late.
+    50 ms) after the fix instant; PPS edges at whole UTC seconds stamped |N(0, 1 µs)| late
+    (the k-th edge labelled a second late when k is in ``mislabel``).
     Feeds the stage in arrival order; returns (fix sample, true instant, scenario s)."""
     rng = np.random.default_rng(seed)
     k = 1 + ppm * 1e-6
@@ -55,7 +57,8 @@ def simulate_gps(stage: ClockStage, dur_s: float, *, ppm: float = 60.0,
         events.append((rx, Sample(FIX, {"lat": 0.0}, rx, device_t_ns=utc), true, t_s))
         if pps and utc % NS == 0 and not (pps_off and pps_off[0] <= t_s < pps_off[1]):
             rx_p = true + int(abs(rng.normal(0.0, 1000.0)))
-            events.append((rx_p, Sample(REF, {"kind": "pps"}, rx_p, device_t_ns=utc,
+            label = utc + (NS if (utc - first) // NS in mislabel else 0)
+            events.append((rx_p, Sample(REF, {"kind": "pps"}, rx_p, device_t_ns=label,
                                         meta={"clock_ref": "pps"}), None, t_s))
         utc += period
     events.sort(key=lambda e: e[0])
@@ -124,6 +127,20 @@ def test_pps_outage_beyond_holdover_falls_back_and_returns():
     assert np.max(np.abs(e_after)) <= 10_000
     q = stage.quality(FIX)
     assert q["source"] == "pps" and q["mapped_by_fallback"] > 0 and q["mapped_by_ref"] > 0
+
+
+def test_mislabelled_references_are_rejected_and_do_not_derail_the_mapping():
+    # edges 1, 2 and every 7th after are labelled a second late (their label came from a
+    # stale NMEA epoch after a reader stall); edge 0 comes before any NMEA (a driver has no
+    # label for it then) and is good
+    stage = gps_stage()
+    bad = frozenset({1, 2} | set(range(7, 40, 7)))
+    pairs = simulate_gps(stage, 40.0, mislabel=bad, seed=13)
+    assert np.percentile(np.abs(errs(pairs, 8.0)), 99) <= 10_000
+    q = stage.quality(FIX)
+    assert q["source"] == "pps" and q["jumps"] == 0
+    assert q["ref_rejected"] == len(bad)
+    assert abs(q["skew_ppm"] + 60.0 / (1 + 60e-6)) < 1.0
 
 
 def test_reference_samples_do_not_feed_the_fallback():
