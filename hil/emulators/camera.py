@@ -15,10 +15,12 @@ a blank line and the JPEG. Each JPEG carries a comment segment (``FF FE``) right
 
 Timing: frame ``n`` is captured at true time ``run_t0_ns + n·period`` whether or not a
 client is connected (a camera does not wait). Its image is rendered and encoded *ahead*
-(while frame ``n − 1`` waits for its instant), so that, like a real camera whose
-readout and compression latency is constant, the only variable delay is the device's
-injected arrival jitter: at the capture instant the frame is queued to every connected
-client and sent at capture + jitter. A frame whose image is not ready by then leaves
+(right after frame ``n − 1`` was queued) and queued to every client connected then; each
+client's sender thread waits for capture + jitter itself and sends. So, like a real camera
+whose readout and compression latency is constant, the only variable delay is the
+device's injected arrival jitter. Sender threads ask for SCHED_FIFO (else nice −10) and
+the process's interpreter switch interval is lowered to 0.2 ms, so a sender is not held
+up by the render thread's GIL. A frame whose image is not ready by its send time leaves
 late (``late_frames``); more than two periods late it is skipped (``overrun``; the
 counter still advances). Each client's send is recorded (truth ``send``) so a scorer can
 tell the emulator's own lateness from the agent's error.
@@ -91,6 +93,25 @@ def insert_jpeg_comment(jpeg: bytes, text: bytes) -> bytes:
     if jpeg[:2] != b"\xff\xd8" or len(text) > 65533:
         raise ValueError("not a JPEG or comment too long")
     return b"\xff\xd8\xff\xfe" + struct.pack(">H", len(text) + 2) + text + jpeg[2:]
+
+
+def _punctual_thread() -> None:
+    """Let the calling (sender) thread leave on time on a loaded host: SCHED_FIFO where
+    allowed (root / CAP_SYS_NICE), else nice −10; and a 0.2 ms interpreter switch interval
+    (process-wide), so that a woken sender gets the GIL back from the render threads
+    within that rather than the default 5 ms. A real camera's timing does not suffer from
+    the host; the emulator's must not either (its lateness is in the truth's ``send``)."""
+    import os
+    import sys
+
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
+        except (AttributeError, OSError):
+            pass
 
 
 class _Client:
@@ -263,6 +284,7 @@ class CameraEmulator(Emulator):
                 pass
 
     def _send_loop(self, c: _Client) -> None:
+        _punctual_thread()
         while not self.stop_event.is_set():
             with c.cond:
                 while not c.parts and not c.closed and not self.stop_event.is_set():
@@ -287,7 +309,9 @@ class CameraEmulator(Emulator):
     # -- capture side -----------------------------------------------------------------
     def _capture_loop(self) -> None:
         """Frame ``n``: decide faults and draw its jitter, render + encode it ahead of its
-        capture instant, wait for the instant, queue it to the clients connected then."""
+        capture instant and queue it at once to the connected clients, whose send threads
+        wait for capture + jitter themselves (no thread hand-off at the send instant);
+        then wait for the capture instant and go on with the next frame."""
         n = max(0, math.ceil((time.monotonic_ns() - self.run_t0_ns) / self.period_ns))
         seq = 0
         header = (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: ").encode()
@@ -296,6 +320,9 @@ class CameraEmulator(Emulator):
             cpu0 = time.thread_time()
             t_s = (due_ns - self.run_t0_ns) / 1e9
             faults = self.faults(t_s)
+            self._log_faults(t_s, seq, due_ns)
+            # a disconnect begins up to one period before its frame's instant (rendered ahead)
+            self._disconnect_state("disconnect" in faults, due_ns)
             delay_ns = int(self.jitter.delay_s() * 1e9)
             drop = "dropout" in faults and self.rng.random() < faults["dropout"].rate
             device_ns = self.clock.device_ns(due_ns)
@@ -310,29 +337,19 @@ class CameraEmulator(Emulator):
                 reason = "stall"
             elif drop:
                 reason = "dropout"
-            part, extra = None, {}
-            if reason is None and self.clients:
-                part, extra = self._frame(t_s, seq, device_ns, faults, header)
-            self.capture_cpu_s += time.thread_time() - cpu0
-            wait = (due_ns - time.monotonic_ns()) / 1e9
-            if wait > 0 and self.stop_event.wait(wait):
-                return
-            self._log_faults(t_s, seq, due_ns)
-            self._disconnect_state("disconnect" in faults, due_ns)
-            if reason is None and time.monotonic_ns() - due_ns > 2 * self.period_ns:
-                reason = "overrun"   # the render finished too late
-            clients: list[_Client] = []
-            if reason is None:
+            else:
                 with self._clients_lock:
                     clients = list(self._clients)
                 if not clients:
                     reason = "no_client"
             self.count("captured")
             if reason is None:
-                if part is None:  # a client connected just now: render late
-                    part, extra = self._frame(t_s, seq, device_ns, faults, header)
+                part, extra = self._frame(t_s, seq, device_ns, faults, header)
                 rec.update(extra)
-                late = time.monotonic_ns() - due_ns - delay_ns
+                late = time.monotonic_ns() - (due_ns + delay_ns)
+                if late > 2 * self.period_ns:
+                    reason = "overrun"  # the render finished far too late
+            if reason is None:
                 if late > 0:
                     self.count("late_frames")
                     rec["late_ns"] = late
@@ -344,10 +361,16 @@ class CameraEmulator(Emulator):
                 self.count("sent")
                 rec.update(sent=True, clients=len(clients), sched_ns=due_ns + delay_ns)
             else:
+                for k in ("boxes", "bytes", "clapper", "defects"):
+                    rec.pop(k, None)
                 self.count("skipped")
                 self.count(reason)
                 rec.update(sent=False, clients=0, reason=reason)
             self.truth.write(rec)
+            self.capture_cpu_s += time.thread_time() - cpu0
+            wait = (due_ns - time.monotonic_ns()) / 1e9
+            if wait > 0 and self.stop_event.wait(wait):
+                return
             n += 1
             seq += 1
 
