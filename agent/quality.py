@@ -2,7 +2,8 @@
 
 A :class:`QualityMonitor` is fed every sample the recorder writes (on the writer thread;
 ``observe`` is cheap: costly checks such as camera blur run on a sampled subset, at most
-``camera_check_hz`` frames per second per camera, decoded at reduced size) and produces,
+``camera_check_hz`` frames per second per camera, decoded at reduced size on a checker
+thread) and produces,
 per segment, the ``quality`` section of the manifest:
 
 - completeness: every configured stream present at its nominal rate, gaps and their causes;
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +43,7 @@ class QualityThresholds:
     completeness_warn: float = 0.95
     completeness_fail: float = 0.8
     still_speed_mps: float = 0.3
-    camera_check_hz: float = 2.0
+    camera_check_hz: float = 1.0
 
 
 @dataclass
@@ -53,6 +56,7 @@ class _StreamQ:
     over: int = 0
     under: int = 0
     repeated: int = 0
+    checks_skipped: int = 0
     last_digest: bytes = b""
     last_check_ns: int = 0
     blur_values: list[float] = field(default_factory=list)
@@ -91,6 +95,9 @@ class QualityMonitor:
         self.th = thresholds or QualityThresholds()
         self._acc: dict[str, dict[str, _StreamQ]] = {}
         self._first_t: dict[str, int] = {}
+        self._checks: queue.Queue[tuple[_StreamQ, Any]] = queue.Queue(maxsize=2)
+        self._checker: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def _q(self, seg: str, s: Sample) -> _StreamQ | None:
         info = self.infos.get(s.stream)
@@ -144,18 +151,41 @@ class QualityMonitor:
         if s.t_ns - q.last_check_ns < 1e9 / self.th.camera_check_hz:
             return
         q.last_check_ns = s.t_ns
-        grey = _grey_small(p, q.info.encoding)
-        if grey is None:
-            return
+        # decode + Laplacian run on the checker thread (OpenCV releases the GIL, so they
+        # overlap with the writer); a check that finds the checker busy is skipped
+        if not self._checks.full():
+            self._checks.put_nowait((q, p))
+            self._ensure_checker()
+        else:
+            q.checks_skipped += 1
+
+    def _ensure_checker(self) -> None:
+        if self._checker is None:
+            self._checker = threading.Thread(target=self._check_loop, daemon=True,
+                                             name="edgecap-quality")
+            self._checker.start()
+
+    def _check_loop(self) -> None:
         import cv2
 
-        q.frames_checked += 1
-        lv = float(cv2.Laplacian(grey, cv2.CV_32F).var())
-        q.blur_values.append(lv)
-        mean = float(grey.mean())
-        q.blurred += lv < self.th.blur_laplacian_var
-        q.over += mean > self.th.overexposed_mean
-        q.under += mean < self.th.underexposed_mean
+        while True:
+            q, payload = self._checks.get()
+            try:
+                grey = _grey_small(payload, q.info.encoding)
+                if grey is None:
+                    continue
+                lv = float(cv2.Laplacian(grey, cv2.CV_32F).var())
+                mean = float(grey.mean())
+            except Exception:  # a corrupt frame: not a quality fact
+                continue
+            finally:
+                self._checks.task_done()
+            with self._lock:
+                q.frames_checked += 1
+                q.blur_values.append(lv)
+                q.blurred += lv < self.th.blur_laplacian_var
+                q.over += mean > self.th.overexposed_mean
+                q.under += mean < self.th.underexposed_mean
 
     def _audio(self, q: _StreamQ, s: Sample) -> None:
         pcm = np.asarray(s.payload)
@@ -174,7 +204,10 @@ class QualityMonitor:
         ``span_ns`` is the part of the timebase the segment actually covers (a session
         starts and ends inside a window); a stream is judged from its first sample ever
         on, with one sample of slack for the boundaries."""
-        acc = self._acc.pop(seg, {})
+        if self._checker is not None:
+            self._checks.join()  # the segment's pending camera checks count in it
+        with self._lock:
+            acc = self._acc.pop(seg, {})
         th = self.th
         checks: dict[str, dict[str, Any]] = {}
         # completeness
@@ -229,7 +262,8 @@ class QualityMonitor:
                 fc = q.frames_checked
                 v = max(_verdict(q.blurred / fc, 0.2, 0.5), _verdict(q.over / fc, 0.2, 0.5),
                         _verdict(q.under / fc, 0.2, 0.5), key=_rank)
-                noise[name] = {"frames_checked": fc, "blurred": q.blurred,
+                noise[name] = {"frames_checked": fc, "checks_skipped": q.checks_skipped,
+                               "blurred": q.blurred,
                                "overexposed": q.over, "underexposed": q.under,
                                "laplacian_var_median": float(np.median(q.blur_values)),
                                "verdict": v}
