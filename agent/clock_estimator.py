@@ -69,8 +69,8 @@ _FORCE_RUN = 25
 #: than this needs twice ``jump_confirm`` suspects over 4× ``jump_confirm_s``: a host or
 #: device stall of tens of ms (frames late, then none, then late again) can look flat for a
 #: few hundred ms, while real clock changes (reboot, PTP switch) are mostly far larger, and
-#: lateness never makes samples look early. The new segment still starts at the run's first point, so the re-lock time
-#: (~1 s at 10 Hz) does not grow
+#: lateness never makes samples look early. The new segment still starts at the run's
+#: first point, so the re-lock time (~1 s at 10 Hz) does not grow
 _SMALL_JUMP_NS = 500_000_000
 #: a skew known better than this (1σ) is kept as the prior across a jump or step
 _PRIOR_MAX = 20e-6
