@@ -156,9 +156,9 @@ def run(quick: bool = False) -> list[Result]:
     base = Path(os.environ.get("EDGECAP_BENCH_DIR", tempfile.gettempdir()))
     work = Path(tempfile.mkdtemp(prefix="edgecap-bench-", dir=base))
     try:
-        # interleave the three measurements twice and keep each one's best run
+        # interleave the three measurements three times and keep each one's best run
         best = {"rec": 1e9, "mcap": 1e9, "disk": 1e9}
-        for rep in range(2):
+        for rep in range(3):
             d = work / f"rec{rep}"
             best["rec"] = min(best["rec"], run_recorder(d, infos, samples))
             shutil.rmtree(d)
