@@ -29,7 +29,10 @@ it are ``truth``, those matched ``received``, ``lost = truth − received``, of 
 what the agent's counters say it lost (device gaps + queue drops). Timestamp error =
 ``t_ns − truth`` (agent) and ``host_rx_ns − truth`` (naive arrival stamping): p50 of the
 signed error, p99 and max of its magnitude, and ``spread_p99`` = p99 of |error − p50|
-(what a constant-latency calibration cannot remove).
+(what a constant-latency calibration cannot remove); ``ts_settled`` is the same without
+each stream's first ``SETTLE_S`` (at most half its window): the agent's start-up and the
+clock estimators' acquisition. ``counted`` for LiDAR is its ``missing_frames`` gaps in
+scans; ``uncounted_share`` = (lost − counted)⁺ / truth.
 
 Labels are scored with :mod:`agent.labelers.score` when label channels were recorded.
 Called from one thread; reads files only; never raises for bad or missing bundle data
@@ -420,7 +423,7 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
     for run in runs:
         pcm = np.concatenate([x[3] for x in run])
         seq0 = run[0][2]
-        pos = -1
+        pos = None  # wav position of the run's first sample (< 0: it began before t = 0)
         for start in range(0, max(1, len(pcm) - rate // 4), 2 * rate):
             piece = pcm[start:start + rate]
             if not piece.any() or len(piece) < rate // 4:
@@ -430,16 +433,22 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
             if p >= 0 and c > 0.9:
                 pos, corr_min = p - start, min(corr_min, c)
                 break
-        if pos < 0:
+        if pos is None:
             unaligned += sum(len(x[3]) for x in run)
             continue
+        end = len(ref)  # only what the emulator emitted has a truth
         for t, rx, seq, blk in run:
-            e = first + pos + (seq - seq0)
+            w = pos + (seq - seq0)
+            if w < 0 or w + len(blk) > end:
+                continue
+            e = first + w
             true = run_t0_ns + int(round(e / (rate * ratio) * NS))
             err.append(t - true)
             naive.append(rx - true)
             trues.append(true)
-        spans.append((first + pos, first + pos + len(pcm)))
+        a, b_ = max(0, pos), min(end, pos + len(pcm))
+        if b_ > a:
+            spans.append((first + a, first + b_))
     if not spans:
         return _no_data("audio", stream, "samples", "recorded audio not found in the "
                         "emitted signal")
