@@ -10,15 +10,17 @@ LiDAR), a clapperboard in front of the rig. Per stream (kind from the recording)
 
 - camera: *flash* -- a frame whose mean brightness (grey, JPEGs decoded at 1/8 scale)
   jumps at least ``flash_min`` grey levels (and ``k`` MADs) above the median of the
-  previous ``baseline_s`` (frames still above half that do not enter the baseline, and the
-  next event needs the level back down first);
+  previous ``baseline_s`` (frames still above half that stay out of the baseline for
+  ``hold_s``, 0.7 s, then a lasting level becomes the baseline; the next event needs the
+  level back down first);
 - audio: *click* -- a spectral-flux onset (:class:`agent.labelers.audio_onset.
   OnsetDetector`) timed at its attack sample (first sample at half the peak), sample by
   sample on the recorded block times;
-- LiDAR: *appear* -- a scan where the number of points inside a box in front of the
-  sensor (``lidar_region``, sensor frame, default 1..12 m ahead, ±2 m, from 0.4 m above
-  the ground plane of a roof-mounted sensor) jumps above the previous scans' median by at
-  least ``appear_min`` points and ``k`` MADs.
+- LiDAR: *appear* -- a scan with at least ``appear_min`` points (and ``k`` MADs above the
+  usual) inside a box in front of the sensor (``lidar_region``, sensor frame, default
+  1..12 m ahead, ±2 m, from 0.4 m above the ground plane of a roof-mounted sensor) that
+  lie in 1 m cells empty, with their neighbours, in the previous scan: something that was
+  not there and did not drive in.
 
 A sensor samples: it can only show an event in its first sample at or after it. Each
 event therefore carries the recorded time ``t_ns`` of that first sample and the time of
@@ -114,11 +116,12 @@ class FlashDetector:
     image array; undecodable frames are counted in ``skipped``."""
 
     def __init__(self, stream: str, min_jump: float = 40.0, k: float = 8.0,
-                 baseline_s: float = 1.0, refractory_s: float = 0.3):
+                 baseline_s: float = 1.0, refractory_s: float = 0.3, hold_s: float = 0.7):
         self.stream = stream
         self.min_jump, self.k = min_jump, k
         self.base = _Baseline(int(baseline_s * NS))
         self.refractory_ns = int(refractory_s * NS)
+        self.hold_ns = int(hold_s * NS)
         self.prev_ns: int | None = None
         self.last_event_ns: int | None = None
         self.armed = True   # re-armed once the level is back near its baseline
@@ -157,22 +160,31 @@ class FlashDetector:
                 self.armed = False
                 out.append(Event(self.stream, "flash", t_ns, self.prev_ns, seq, jump,
                                  {"brightness": round(m, 1), "baseline": round(med, 1)}))
-        if not high:  # frames of a flash do not enter the baseline
+        self.armed = self.armed or not high
+        # flash frames stay out of the baseline for ``hold_s``; a level that stays (lights
+        # switched on) then becomes the baseline instead of freezing the detector
+        if not high or (self.last_event_ns is not None
+                        and t_ns - self.last_event_ns >= self.hold_ns):
             self.base.push(t_ns, m)
-            self.armed = True
         self.prev_ns = t_ns
         return out
 
 
 class AppearDetector:
-    """LiDAR scans → appear events: the point count inside ``region`` jumps (module doc).
-    ``timing="scan"`` stamps the event with the scan's time; ``"points"`` with the scan's
-    time plus the median ``t_offset_ns`` of the points in the region (when the board was
-    actually swept; right for real sensors)."""
+    """LiDAR scans → appear events: an object appears inside ``region`` (module doc).
+
+    The signal is the number of the scan's points in the region that lie in ``voxel_m``
+    cells empty in the previous scan *and* around them (one cell each way: the vehicle and
+    objects move ≲ 1 m a scan): things that approach or pass do not count, a board that is
+    suddenly there does. An event is a scan where that count reaches ``min_points`` and
+    ``k`` MADs above its median over ``baseline_s``; the next one needs the count back
+    below half that. ``timing="scan"`` stamps the event with the scan's time; ``"points"``
+    with the scan's time plus the median ``t_offset_ns`` of the new points (when the object
+    was actually swept; right for real sensors)."""
 
     def __init__(self, stream: str, region: tuple[float, ...] = LIDAR_REGION,
                  min_points: int = 100, k: float = 8.0, baseline_s: float = 1.0,
-                 refractory_s: float = 0.3, timing: str = "scan"):
+                 refractory_s: float = 0.3, timing: str = "scan", voxel_m: float = 1.0):
         if len(region) != 6:
             raise ValueError("lidar region must be x0, x1, y0, y1, z0, z1")
         if timing not in ("scan", "points"):
@@ -183,12 +195,18 @@ class AppearDetector:
         self.base = _Baseline(int(baseline_s * NS), min_n=3)
         self.refractory_ns = int(refractory_s * NS)
         self.timing = timing
+        self.voxel = float(voxel_m)
+        self._near_prev: np.ndarray | None = None  # sorted keys of cells near last scan's
         self.prev_ns: int | None = None
         self.prev_obs_ns: int | None = None
         self.last_event_ns: int | None = None
         self.armed = True
         self.skipped = 0
         self.frames = 0
+
+    @staticmethod
+    def _keys(ix: np.ndarray, iy: np.ndarray, iz: np.ndarray) -> np.ndarray:
+        return (ix.astype(np.int64) << 42) + (iy.astype(np.int64) << 21) + iz.astype(np.int64)
 
     def feed(self, t_ns: int, seq: int | None, pts: Any) -> list[Event]:
         names = getattr(getattr(pts, "dtype", None), "names", None) or ()
@@ -199,33 +217,48 @@ class AppearDetector:
         x0, x1, y0, y1, z0, z1 = self.region
         x, y, z = pts["x"], pts["y"], pts["z"]
         inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1) & (z >= z0) & (z <= z1)
-        n = int(inside.sum())
+        # cells offset to stay positive (keys pack three 21-bit fields)
+        v = self.voxel
+        ix = np.floor((x[inside] - x0) / v).astype(np.int64) + 4
+        iy = np.floor((y[inside] - y0) / v).astype(np.int64) + 4
+        iz = np.floor((z[inside] - z0) / v).astype(np.int64) + 4
+        keys = self._keys(ix, iy, iz)
+        if self._near_prev is None:
+            new = np.zeros(len(keys), bool)
+        else:
+            new = ~np.isin(keys, self._near_prev, assume_unique=False)
+        n = int(new.sum())
+        cells = np.unique(np.stack([ix, iy, iz], 1), axis=0) if len(keys) else \
+            np.zeros((0, 3), np.int64)
+        d = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)])
+        near = (cells[:, None, :] + d[None, :, :]).reshape(-1, 3)
+        self._near_prev = np.unique(self._keys(near[:, 0], near[:, 1], near[:, 2]))
         obs = t_ns
         if self.timing == "points" and n and "t_offset_ns" in names:
-            obs = t_ns + int(np.median(pts["t_offset_ns"][inside]))
+            obs = t_ns + int(np.median(pts["t_offset_ns"][inside][new]))
         out: list[Event] = []
         st = self.base.stats()
         high = False
         if st is not None and self.prev_ns is not None:
             med, mad = st
-            jump = n - med
-            thr = max(self.min_points, self.k * mad)
-            high = jump >= thr / 2
-            if (jump >= thr and self.armed and (
+            thr = max(self.min_points, med + self.k * mad)
+            high = n >= thr / 2
+            if (n >= thr and self.armed and (
                     self.last_event_ns is None
                     or t_ns - self.last_event_ns >= self.refractory_ns)):
                 self.last_event_ns = t_ns
                 self.armed = False
                 prev = self.prev_obs_ns if self.timing == "points" and \
                     self.prev_obs_ns is not None else self.prev_ns
-                out.append(Event(self.stream, "appear", obs, min(prev, obs), seq, float(jump),
-                                 {"points": n, "baseline": round(med, 1),
-                                  "scan_t_ns": t_ns}))
-        if not high:  # scans while the object is there do not enter the baseline
+                out.append(Event(self.stream, "appear", obs, min(prev, obs), seq,
+                                 float(n - med), {"points": n, "baseline": round(med, 1),
+                                                  "in_region": int(inside.sum()),
+                                                  "scan_t_ns": t_ns}))
+        self.armed = self.armed or not high
+        if not out:
             self.base.push(t_ns, float(n))
-            self.armed = True
         self.prev_ns = t_ns
-        self.prev_obs_ns = obs if n else t_ns
+        self.prev_obs_ns = obs
         return out
 
 
