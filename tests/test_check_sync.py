@@ -244,6 +244,13 @@ def _run(tmp_path: Path, duration_s: float, clapper_s: list[float] | None,
                                devices=devices)) as run:
         res = run.run()
     assert res.session_dir, Path(res.agent_log).read_text()[-2000:]
+    # a host this loaded (other HIL runs at the same time) cannot emulate the rig: the
+    # emulators withhold most frames themselves; nothing about check-sync to measure then
+    for dev, total in (("camera", "captured"), ("lidar", "frames")):
+        e = res.emulators.get(dev) or {}
+        if e.get(total) and e.get("overrun", 0) > 0.3 * e[total]:
+            pytest.skip(f"HIL rig overloaded: the {dev} emulator overran "
+                        f"{e['overrun']}/{e[total]} frames")
     return Path(res.run_dir)
 
 
