@@ -590,14 +590,19 @@ def _score_lidar_labels(run_dir: Path, b: Bundle, stream: str, topic: str,
     from agent.labelers._foxglove import detections_from_scene_update
 
     rows = b.stamps.get(stream, np.zeros((0, 4), np.int64)).tolist()
-    dev_of = {int(r[0]): int(r[1]) for r in rows}
+    of_t = {int(r[0]): (int(r[1]), int(r[3])) for r in rows}
     recs = [r for r in _truth(run_dir, "lidar") if r.get("type") == "sample"]
-    by_dev = {r["device_ns"] // 100_000_000: r for r in recs}
+    by_fid: dict[int, list[dict[str, Any]]] = {}
+    for r in recs:
+        by_fid.setdefault(r["seq"], []).append(r)
     pred, truth, frames = [], [], set()
     for t, data, _schema in b.labels[topic]:
-        dev = dev_of.get(t)
-        fr = by_dev.get(dev // 100_000_000) if dev is not None else None
-        if fr is None:
+        if t not in of_t:
+            continue
+        dev, seq = of_t[t]
+        fr = min(by_fid.get(seq & 0xFFFF, []), key=lambda r: abs(r["device_ns"] - dev),
+                 default=None)
+        if fr is None or not 0 <= dev - fr["device_ns"] < 100_000_000:
             continue
         msg = SceneUpdate()
         try:

@@ -449,7 +449,7 @@ def test_label_scoring_reads_label_channels(city_drive):
     lab = score_labels(run_dir, b, res, {"audio": audio})
     assert lab["camera"]["recall"] == 1.0 and lab["camera"]["precision"] == 1.0, lab["camera"]
     assert lab["camera"]["map50"] == 1.0 and lab["camera"]["frames_labelled"] >= 20
-    assert lab["lidar"]["recall"] == 1.0 and lab["lidar"]["scans_labelled"] >= 20, lab["lidar"]
+    assert lab["lidar"]["recall"] == 1.0 and lab["lidar"]["scans_labelled"] >= 15, lab["lidar"]
     assert lab["vad"]["f1"] == 1.0 and lab["vad"]["truth_segments"] == 1, lab["vad"]
 
 
