@@ -333,9 +333,9 @@ def test_pcap_round_trip_gives_the_same_scans_as_the_live_path(tmp_path):
     drv.close()
     assert [s.seq for s in replayed] == [s.seq for s in run.samples] and replayed
     for a, b in zip(run.samples, replayed):
-        # span_rx_ns is an arrival time: it differs between the live and the pcap path
+        # the clock pair names the scan's best-arriving packet: it differs between the
+        # live and the pcap path by design
         assert a.device_t_ns == b.device_t_ns and scan_meta(a) == scan_meta(b)
-        assert a.meta["device_span_ns"] == b.meta["device_span_ns"]
         assert np.array_equal(a.payload, b.payload)
     pc = drv.counters.as_dict()
     for k in ("received", "packets", "missing_packets", "incomplete_scans", "corrupt"):
