@@ -252,6 +252,10 @@ class LidarClusters(Labeler):
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
+        # open3d takes a second or more to import: do it now, while the pipeline loads
+        # its models before any device opens, not after (data would pile up meanwhile)
+        import open3d  # noqa: F401
+
         o = self.options
         self.model = ModelInfo("ransac-dbscan-clusters", VERSION, "", {
             "voxel_m": o.voxel_m, "plane_distance_m": o.plane_distance_m,
