@@ -158,6 +158,7 @@ class _HttpMjpeg(_Source):
         self._resp: http.client.HTTPResponse | None = None
         self._pending: deque[tuple[Any, int]] = deque()
         self._parser: MultipartParser | None = None
+        self._start_rx: int | None = None
 
     def open(self) -> dict[str, Any]:
         u = urllib.parse.urlsplit(self.uri)
@@ -192,6 +193,7 @@ class _HttpMjpeg(_Source):
         self._sock, self._conn, self._resp = sock, conn, resp
         self._parser = MultipartParser(boundary, int(self.opts.max_frame_mb * (1 << 20)))
         self._pending.clear()
+        self._start_rx = None
         return {"format": "MJPG"}
 
     def _safe_uri(self) -> str:
@@ -212,9 +214,18 @@ class _HttpMjpeg(_Source):
                 self.counters.inc("corrupt", parser.finish())
                 raise _Disconnected("connection closed by the camera")
             rx = time.monotonic_ns()
+            # a frame's arrival is the read that brought its first JPEG bytes (SOI): the
+            # time to transfer the rest grows with its size and is not arrival delay
+            if self._start_rx is None and b"\xff\xd8" in data:
+                self._start_rx = rx
             before = parser.corrupt
-            for part in parser.feed(data):
-                self._pending.append((part, rx))
+            parts = parser.feed(data)
+            for part in parts:
+                self._pending.append((part, self._start_rx if self._start_rx is not None
+                                      else rx))
+                self._start_rx = None
+            if parts and b"\xff\xd8" in parser.buf:
+                self._start_rx = rx  # the next frame's JPEG began in this read
             if parser.corrupt > before:
                 self.counters.inc("corrupt", parser.corrupt - before)
         part, rx = self._pending.popleft()
