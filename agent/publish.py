@@ -23,6 +23,8 @@ stores it. See docs/replay.md for a subscriber in ten lines.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import logging
 import threading
@@ -82,7 +84,7 @@ class _SendQueue:
         return len(self._q)
 
 
-class _Publisher:
+class _Publisher(ABC):
     """Shared tap/queue/sender-thread plumbing. Subclasses implement ``_send``."""
 
     name = "publisher"
@@ -152,8 +154,9 @@ class _Publisher:
                 self.encode_errors += 1
                 log.exception("%s: send failed", self.name)
 
+    @abstractmethod
     def _send(self, s: Sample, info: StreamInfo, codec: Codec, data: bytes) -> bool:
-        raise NotImplementedError
+        """Send one encoded sample on the sender thread; False when it was dropped."""
 
     def stop(self, drain_s: float = 2.0) -> None:
         """Send what is queued (up to ``drain_s``), then stop the sender thread."""
