@@ -247,6 +247,7 @@ def test_rates_stay_in_proportion_at_10x(tmp_path: Path) -> None:
     assert rates["/lidar"] / rates["/gps"] == pytest.approx(2.0, rel=0.01)
 
 
+@pytest.mark.hil  # a timing figure: run with make test-hil (and measured by bench export)
 @pytest.mark.skipif(not RT_OK, reason="needs SCHED_FIFO (root) for stable timing")
 def test_jitter_at_1x_is_below_a_millisecond(session) -> None:
     drv = McapReplay("/replay", str(session.session_dir),
