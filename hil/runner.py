@@ -282,7 +282,7 @@ class HilRun:
                 self.notes.append(f"audio left out: {why}")
         if not self.devices:
             raise HilError("no device left to run (all disabled in the scenario or excluded)")
-        base = Path(self.opts.out_dir) if self.opts.out_dir else Path(tempfile.gettempdir())
+        base = (Path(self.opts.out_dir) if self.opts.out_dir else Path(tempfile.gettempdir())).resolve()
         base.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{stamp}-", dir=base))
