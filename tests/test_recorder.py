@@ -123,7 +123,9 @@ def test_corrupted_segment_is_reported(session: Pipeline, tmp_path: Path) -> Non
     seg = sorted(session.session_dir.glob("*.mcap"))[0]
     bad = tmp_path / seg.name
     data = bytearray(seg.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    with open(seg, "rb") as f:  # flip a byte inside the first chunk's records (CRC'd)
+        chunk = make_reader(f).get_summary().chunk_indexes[0]
+    data[chunk.chunk_start_offset + chunk.chunk_length // 2] ^= 0xFF
     bad.write_bytes(data)
     manifest_path(bad).write_text(manifest_path(seg).read_text())
     probs = verify_segment(bad)
