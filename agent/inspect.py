@@ -24,9 +24,11 @@ def find_segments(path: Path) -> tuple[list[Path], list[Path]]:
     return closed, active
 
 
-def inspect_path(path: str | Path, deep: bool = True) -> dict[str, Any]:
+def inspect_path(path: str | Path, deep: bool = True, verify: bool = True) -> dict[str, Any]:
     """Aggregate every segment under ``path``. Never raises for bad segments: each problem
-    is listed under ``problems`` and ``ok`` is False."""
+    is listed under ``problems`` and ``ok`` is False. ``verify=False`` only aggregates the
+    manifests (no re-hashing: for the summary right after recording, whose hashes were
+    computed while writing)."""
     path = Path(path)
     if not path.exists():
         raise BundleError(f"{path}: no such file or directory")
@@ -38,7 +40,7 @@ def inspect_path(path: str | Path, deep: bool = True) -> dict[str, Any]:
     t_min = t_max = None
     total = 0
     for seg in closed:
-        probs = verify_segment(seg, deep=deep)
+        probs = verify_segment(seg, deep=deep) if verify else []
         problems.extend(probs)
         try:
             man = read_manifest(manifest_path(seg))
@@ -47,7 +49,8 @@ def inspect_path(path: str | Path, deep: bool = True) -> dict[str, Any]:
             continue
         sessions.add(man.get("session_id", "?"))
         total += man.get("size", 0)
-        segments.append({"file": str(seg), "size": man.get("size"), "verified": not probs,
+        segments.append({"file": str(seg), "size": man.get("size"),
+                         "verified": (not probs) if verify else None,
                          "recovered": man.get("recovered", False),
                          "window_start_ns": man.get("window_start_ns"),
                          "window_end_ns": man.get("window_end_ns"),
@@ -80,4 +83,5 @@ def inspect_path(path: str | Path, deep: bool = True) -> dict[str, Any]:
     return {"path": str(path), "sessions": sorted(sessions), "segments": segments,
             "unclosed": [str(a) for a in active], "streams": streams,
             "duration_s": (t_max - t_min) / 1e9 if t_min is not None and t_max else 0.0,
-            "size": total, "problems": problems, "ok": not problems and bool(closed)}
+            "size": total, "problems": problems, "ok": not problems and bool(closed),
+            "reverified": verify}

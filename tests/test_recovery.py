@@ -104,7 +104,8 @@ def test_unrecoverable_file_is_moved_aside(tmp_path: Path) -> None:
 
 
 def test_missing_manifest_is_rebuilt(tmp_path: Path, root: Path) -> None:
-    out = kill_during_record(tmp_path, root, 2.5)
+    # 2 s windows close 1 s after they end: 4.5 s of recording closes at least one
+    out = kill_during_record(tmp_path, root, 4.5)
     seg = next(p for p in out.rglob("*.mcap"))
     want = json.loads(manifest_path(seg).read_text())
     manifest_path(seg).unlink()  # as if killed between the rename and the manifest

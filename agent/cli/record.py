@@ -79,7 +79,9 @@ def record(config: str, duration: float | None, out: str | None, quiet: bool) ->
     click.echo(f"session {pipe.session_id} → {pipe.session_dir}")
     from agent.inspect import inspect_path
 
-    print_inspect(inspect_path(pipe.session_dir))
+    # a summary from the manifests; `edgecap inspect` re-verifies (slow for big sessions,
+    # and a service being stopped must not spend minutes hashing)
+    print_inspect(inspect_path(pipe.session_dir, verify=False))
 
 
 COMMANDS = [record]

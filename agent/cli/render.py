@@ -50,13 +50,18 @@ def print_inspect(rep: dict[str, Any], console: Console | None = None) -> None:
         name = s["file"].rsplit("/", 1)[-1]
         seg_table.add_row(name + (" (recovered)" if s.get("recovered") else ""),
                           human_bytes(s.get("size") or 0),
-                          "✓" if s.get("verified") else "[red]✗[/red]",
+                          {True: "✓", False: "[red]✗[/red]", None: "-"}[s.get("verified")],
                           s.get("retention", ""), ",".join(s.get("triggers", [])),
                           _verdict(s.get("quality")), ", ".join(s.get("flags", []))[:60])
     console.print(seg_table)
     verified = sum(1 for s in rep["segments"] if s.get("verified"))
-    console.print(f"verified {verified}/{len(rep['segments'])} segment(s) against their "
-                  f"manifests" + ("" if rep["ok"] else " — PROBLEMS:"))
+    if rep.get("reverified", True):
+        console.print(f"verified {verified}/{len(rep['segments'])} segment(s) against their "
+                      f"manifests" + ("" if rep["ok"] else " — PROBLEMS:"))
+    else:
+        console.print(f"{len(rep['segments'])} closed segment(s), summarised from their "
+                      "manifests (`edgecap inspect` re-verifies every byte)"
+                      + ("" if rep["ok"] else " — PROBLEMS:"))
     for p in rep["problems"]:
         console.print(f"  [red]✗[/red] {p}")
 
