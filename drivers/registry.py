@@ -6,12 +6,9 @@ register fakes with :func:`register` exactly like the real ones.
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, TypeVar
+from agent.registry import LazyRegistry
 
 from .base import Driver
-
-D = TypeVar("D", bound=type[Driver])
 
 #: key -> module that registers it when imported
 BUILTIN: dict[str, str] = {
@@ -26,29 +23,10 @@ BUILTIN: dict[str, str] = {
     "replay.mcap": "agent.replay",
 }
 
-_REGISTRY: dict[str, type[Driver]] = {}
+_REGISTRY: LazyRegistry[type[Driver]] = LazyRegistry("driver", BUILTIN)
 
-
-def register(key: str) -> Callable[[D], D]:
-    """Class decorator: make ``cls`` available under ``key``."""
-
-    def deco(cls: D) -> D:
-        cls.key = key
-        _REGISTRY[key] = cls
-        return cls
-
-    return deco
-
-
-def known_keys() -> list[str]:
-    return sorted(set(BUILTIN) | set(_REGISTRY))
-
-
-def get(key: str) -> type[Driver]:
-    """The Driver class for ``key``; raises KeyError naming the known keys."""
-    if key not in _REGISTRY and key in BUILTIN:
-        importlib.import_module(BUILTIN[key])
-    try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise KeyError(f"unknown driver {key!r}; known: {', '.join(known_keys())}") from None
+#: ``@register("camera.opencv")`` makes a Driver class available under that key
+register = _REGISTRY.register
+known_keys = _REGISTRY.known_keys
+#: the Driver class for a key; raises KeyError naming the known keys
+get = _REGISTRY.get

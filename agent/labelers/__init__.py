@@ -25,17 +25,17 @@ pool hands to subscribers such as triggers.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.config import LabelerConfig
 from agent.errors import EdgecapError
+from agent.registry import LazyRegistry
 from agent.types import Sample, StreamInfo, StreamKind
 
 __all__ = ["UNSET", "Labeler", "LabelerError", "LabelerOptions", "LabelContext", "ModelInfo",
@@ -235,8 +235,6 @@ def make_label(source: Sample, stream: str, payload: Any,
 
 # -- registry -------------------------------------------------------------------------
 
-L = TypeVar("L", bound=type[Labeler])
-
 #: key -> module that registers it when imported (lazy: no open3d import for a camera rig)
 BUILTIN: dict[str, str] = {
     "camera.yolo": "agent.labelers.camera_yolo",
@@ -247,36 +245,21 @@ BUILTIN: dict[str, str] = {
     "privacy.faces": "agent.labelers.privacy",
 }
 
-_REGISTRY: dict[str, type[Labeler]] = {}
+_REGISTRY: LazyRegistry[type[Labeler]] = LazyRegistry("labeler", BUILTIN, attr="kind")
 
-
-def register(key: str) -> Callable[[L], L]:
-    """Class decorator: make ``cls`` available under ``key``."""
-
-    def deco(cls: L) -> L:
-        cls.kind = key
-        _REGISTRY[key] = cls
-        return cls
-
-    return deco
-
-
-def known_keys() -> list[str]:
-    return sorted(set(BUILTIN) | set(_REGISTRY))
+#: ``@register("camera.yolo")`` makes a Labeler class available under that kind
+register = _REGISTRY.register
+known_keys = _REGISTRY.known_keys
 
 
 def get(key: str) -> type[Labeler]:
     """The Labeler class for ``key``; raises LabelerError naming the known keys."""
-    if key not in _REGISTRY and key in BUILTIN:
-        try:
-            importlib.import_module(BUILTIN[key])
-        except ImportError as e:
-            raise LabelerError(f"cannot load labeler {key}: {e}") from None
     try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise LabelerError(f"unknown labeler {key!r}; known: {', '.join(known_keys())}"
-                           ) from None
+        return _REGISTRY.get(key)
+    except ImportError as e:
+        raise LabelerError(f"cannot load labeler {key}: {e}") from None
+    except KeyError as e:
+        raise LabelerError(str(e.args[0])) from None
 
 
 def create(cfg: LabelerConfig) -> Labeler:

@@ -5,12 +5,11 @@ imported lazily (an fs-only server never imports boto3) and tests register fakes
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, TypeVar
+from typing import Any
+
+from agent.registry import LazyRegistry
 
 from .base import Storage, StorageOptions
-
-S = TypeVar("S", bound=type[Storage])
 
 #: key -> module that registers it when imported
 BUILTIN: dict[str, str] = {
@@ -18,33 +17,13 @@ BUILTIN: dict[str, str] = {
     "s3": "sync.storage.s3",
 }
 
-_REGISTRY: dict[str, type[Storage]] = {}
+_REGISTRY: LazyRegistry[type[Storage]] = LazyRegistry("storage backend", BUILTIN)
 
-
-def register(key: str) -> Callable[[S], S]:
-    """Class decorator: make ``cls`` available as ``[storage] backend = key``."""
-
-    def deco(cls: S) -> S:
-        cls.key = key
-        _REGISTRY[key] = cls
-        return cls
-
-    return deco
-
-
-def known_keys() -> list[str]:
-    return sorted(set(BUILTIN) | set(_REGISTRY))
-
-
-def get(key: str) -> type[Storage]:
-    """The Storage class for ``key``; raises KeyError naming the known keys."""
-    if key not in _REGISTRY and key in BUILTIN:
-        importlib.import_module(BUILTIN[key])
-    try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise KeyError(f"unknown storage backend {key!r}; known: "
-                       f"{', '.join(known_keys())}") from None
+#: ``@register("fs")`` makes a Storage class available as ``[storage] backend = "fs"``
+register = _REGISTRY.register
+known_keys = _REGISTRY.known_keys
+#: the Storage class for a key; raises KeyError naming the known keys
+get = _REGISTRY.get
 
 
 def create(key: str, options: dict[str, Any] | StorageOptions) -> Storage:
