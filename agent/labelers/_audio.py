@@ -153,3 +153,23 @@ def audio_payload(labeler: str, source: str, model: dict[str, Any],
                   segments: list[dict[str, Any]], privacy: str | None) -> dict[str, Any]:
     return {"labeler": labeler, "source": source, "model": model, "privacy": privacy,
             "segments": segments}
+
+
+class AudioLabelerMixin:
+    """What audio labelers share: they take pcm-s16 audio streams, remember each stream's
+    sample rate (``self._rates``) and write ``edgecap.AudioLabels`` JSON. Mixed in before
+    :class:`agent.labelers.Labeler`; needs ``options.sample_rate`` and ``options``."""
+
+    _rates: dict[str, int]
+
+    def accepts(self, info: Any) -> bool:
+        from agent.types import StreamKind
+
+        ok = info.kind == StreamKind.AUDIO and info.encoding == "pcm-s16"
+        if ok:
+            self._rates[info.name] = sample_rate_of(info.params, info.rate_hz,
+                                                    self.options.sample_rate)  # type: ignore
+        return ok
+
+    def output_encoding(self) -> tuple[str, dict[str, Any]]:
+        return "json", {"schema": "edgecap.AudioLabels", "json_schema": AUDIO_LABELS_SCHEMA}

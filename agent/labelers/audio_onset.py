@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from agent.types import Sample, StreamInfo, StreamKind
+from agent.types import Sample
 
 from . import Labeler, LabelerOptions, ModelInfo, detection, make_label, register
-from ._audio import AUDIO_LABELS_SCHEMA, BlockClock, audio_payload, sample_rate_of, to_mono
+from ._audio import AudioLabelerMixin, BlockClock, audio_payload, sample_rate_of, to_mono
 
 VERSION = "1.0"
 
@@ -130,7 +130,7 @@ class OnsetDetector:
 
 
 @register("audio.onset")
-class AudioOnset(Labeler):
+class AudioOnset(AudioLabelerMixin, Labeler):
     """Impulsive events on ``/labels/<mic>/onset``."""
 
     suffix = "onset"
@@ -145,16 +145,6 @@ class AudioOnset(Labeler):
             "frame": o.frame, "hop": o.hop, "min_interval_ms": o.min_interval_ms})
         self._rates: dict[str, int] = {}
         self._det: dict[str, OnsetDetector] = {}
-
-    def accepts(self, info: StreamInfo) -> bool:
-        ok = info.kind == StreamKind.AUDIO and info.encoding == "pcm-s16"
-        if ok:
-            self._rates[info.name] = sample_rate_of(info.params, info.rate_hz,
-                                                    self.options.sample_rate)
-        return ok
-
-    def output_encoding(self) -> tuple[str, dict[str, Any]]:
-        return "json", {"schema": "edgecap.AudioLabels", "json_schema": AUDIO_LABELS_SCHEMA}
 
     def label(self, sample: Sample) -> list[Sample]:
         x = to_mono(sample.payload, self.options.channel)

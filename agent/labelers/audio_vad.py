@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from agent.types import Sample, StreamInfo, StreamKind
+from agent.types import Sample
 
 from . import (Labeler, LabelerError, LabelerOptions, ModelInfo, detection, make_label,
                register)
-from ._audio import (AUDIO_LABELS_SCHEMA, BlockClock, Resampler, audio_payload,
+from ._audio import (AudioLabelerMixin, BlockClock, Resampler, audio_payload,
                      sample_rate_of, to_mono)
 from ._onnx import session
 
@@ -111,7 +111,7 @@ class _Stream:
 
 
 @register("audio.vad")
-class AudioVad(Labeler):
+class AudioVad(AudioLabelerMixin, Labeler):
     """Speech segments on ``/labels/<mic>/vad``."""
 
     suffix = "vad"
@@ -135,16 +135,6 @@ class AudioVad(Labeler):
             "speech_pad_ms": o.speech_pad_ms})
         self._streams: dict[str, _Stream] = {}
         self._rates: dict[str, int] = {}
-
-    def accepts(self, info: StreamInfo) -> bool:
-        ok = info.kind == StreamKind.AUDIO and info.encoding == "pcm-s16"
-        if ok:
-            self._rates[info.name] = sample_rate_of(info.params, info.rate_hz,
-                                                    self.options.sample_rate)
-        return ok
-
-    def output_encoding(self) -> tuple[str, dict[str, Any]]:
-        return "json", {"schema": "edgecap.AudioLabels", "json_schema": AUDIO_LABELS_SCHEMA}
 
     def _state(self, stream: str) -> _Stream:
         st = self._streams.get(stream)
