@@ -40,7 +40,7 @@ FRAMES: list[bytes] = []
 
 
 class _Opts(DriverOptions):
-    pass
+    """The bench camera takes no options."""
 
 
 @register("bench.hilframes")
