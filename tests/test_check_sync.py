@@ -254,6 +254,7 @@ def _run(tmp_path: Path, duration_s: float, clapper_s: list[float] | None,
     return Path(res.run_dir)
 
 
+@pytest.mark.hil  # a timing figure on live emulators: flaky on a loaded CI machine
 def test_check_sync_on_a_short_hil_recording(tmp_path):
     """Four clappers at different phases of the camera frames, 13 s: every pair's offset
     within 1 ms of the truth, and the CLI agrees with the library."""
