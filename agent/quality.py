@@ -8,13 +8,16 @@ per segment, the ``quality`` section of the manifest:
 
 - completeness: every configured stream present at its nominal rate, gaps and their causes;
 - alignment: clock quality per stream (from the clock stage);
-- noise: camera blur (variance of the Laplacian) and over/under exposure; audio clipping
-  and dead silence; LiDAR empty or low-return scans; GPS fix quality and HDOP;
+- noise: camera blur (variance of the Laplacian, judged against the camera's own recent
+  sharpness, so a low-texture scene is not "blurred") and over/under exposure; audio
+  clipping and dead silence; LiDAR empty or low-return scans; GPS fix quality and HDOP;
 - near-duplicates: vehicle standing still (GPS speed), repeated camera frames;
 - provenance and consent, from the config (plus speech seen by a labeler).
 
 Each check has a one-word verdict: ``ok``, ``warn`` or ``fail`` (``n/a`` when the check
-does not apply), and ``flags`` lists every check that is not ok.
+does not apply), and ``flags`` lists every check that is not ok. Camera image defects need
+at least ``camera_min_bad`` bad checked frames in a segment: one odd frame (a flash, a
+passing headlight) is an event, not a defect of the segment.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hashlib
 import math
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +37,12 @@ from .types import Sample, StreamInfo, StreamKind
 
 @dataclass
 class QualityThresholds:
-    blur_laplacian_var: float = 60.0  # below: blurred (on the 1/4-size grey image)
+    # blurred: Laplacian variance (1/4-size grey image) below blur_rel × the camera's
+    # recent sharpness (median of its last blur_history sharp, well-exposed checks), or
+    # below the absolute floor blur_laplacian_var whatever the history
+    blur_laplacian_var: float = 8.0
+    blur_rel: float = 0.15
+    blur_history: int = 60
     overexposed_mean: float = 235.0
     underexposed_mean: float = 20.0
     clip_share: float = 0.01  # share of samples at full scale
@@ -43,7 +52,10 @@ class QualityThresholds:
     completeness_warn: float = 0.95
     completeness_fail: float = 0.8
     still_speed_mps: float = 0.3
-    camera_check_hz: float = 1.0
+    camera_check_hz: float = 2.0
+    camera_min_bad: int = 2  # bad checked frames before a camera defect is a segment's
+    silence_warn: float = 0.2  # share of dead-silent audio blocks: warn / fail
+    silence_fail: float = 0.8
 
 
 @dataclass
@@ -95,6 +107,7 @@ class QualityMonitor:
         self.th = thresholds or QualityThresholds()
         self._acc: dict[str, dict[str, _StreamQ]] = {}
         self._first_t: dict[str, int] = {}
+        self._sharp: dict[str, deque[float]] = {}  # per camera, across segments
         self._checks: queue.Queue[tuple[_StreamQ, Any]] = queue.Queue(maxsize=2)
         self._checker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -183,9 +196,27 @@ class QualityMonitor:
             with self._lock:
                 q.frames_checked += 1
                 q.blur_values.append(lv)
-                q.blurred += lv < self.th.blur_laplacian_var
-                q.over += mean > self.th.overexposed_mean
-                q.under += mean < self.th.underexposed_mean
+                over, under = mean > self.th.overexposed_mean, mean < self.th.underexposed_mean
+                q.over += over
+                q.under += under
+                if not (over or under):  # an exposure defect is not also a blur
+                    q.blurred += self._is_blurred(q.info.name, lv)
+
+    def drain(self) -> None:
+        """Wait until the camera checks queued so far are done (their facts counted)."""
+        if self._checker is not None:
+            self._checks.join()
+
+    def _is_blurred(self, stream: str, lv: float) -> bool:
+        """Judge one well-exposed frame's sharpness ``lv`` against the camera's history
+        (checker thread, under ``_lock``); sharp frames join the history."""
+        hist = self._sharp.setdefault(stream, deque(maxlen=self.th.blur_history))
+        ref = float(np.median(hist)) if len(hist) >= 5 else None
+        blurred = lv < self.th.blur_laplacian_var or (
+            ref is not None and lv < self.th.blur_rel * ref)
+        if not blurred:
+            hist.append(lv)
+        return blurred
 
     def _audio(self, q: _StreamQ, s: Sample) -> None:
         pcm = np.asarray(s.payload)
@@ -204,8 +235,7 @@ class QualityMonitor:
         ``span_ns`` is the part of the timebase the segment actually covers (a session
         starts and ends inside a window); a stream is judged from its first sample ever
         on, with one sample of slack for the boundaries."""
-        if self._checker is not None:
-            self._checks.join()  # the segment's pending camera checks count in it
+        self.drain()  # the segment's pending camera checks count in it
         with self._lock:
             acc = self._acc.pop(seg, {})
         th = self.th
@@ -260,8 +290,11 @@ class QualityMonitor:
             k = q.info.kind
             if k == StreamKind.CAMERA and q.frames_checked:
                 fc = q.frames_checked
-                v = max(_verdict(q.blurred / fc, 0.2, 0.5), _verdict(q.over / fc, 0.2, 0.5),
-                        _verdict(q.under / fc, 0.2, 0.5), key=_rank)
+
+                def image(bad: int) -> str:
+                    return _verdict(bad / fc, 0.2, 0.5) if bad >= th.camera_min_bad else "ok"
+
+                v = max(image(q.blurred), image(q.over), image(q.under), key=_rank)
                 noise[name] = {"frames_checked": fc, "checks_skipped": q.checks_skipped,
                                "blurred": q.blurred,
                                "overexposed": q.over, "underexposed": q.under,
@@ -273,7 +306,7 @@ class QualityMonitor:
                 clip = q.clipped / max(q.audio_samples, 1)
                 sil = q.silent_blocks / q.blocks
                 v = max(_verdict(clip, th.clip_share, 10 * th.clip_share),
-                        _verdict(sil, 0.5, 0.95), key=_rank)
+                        _verdict(sil, th.silence_warn, th.silence_fail), key=_rank)
                 noise[name] = {"clipped_share": round(clip, 5), "silent_share": round(sil, 4),
                                "verdict": v}
             elif k == StreamKind.LIDAR and q.scan_points:

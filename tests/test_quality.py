@@ -92,3 +92,58 @@ def test_blur_and_exposure_figures() -> None:
     assert sharp["frames_checked"] >= 9 and sharp["blurred"] == 0
     assert blurred["blurred"] == blurred["frames_checked"]
     assert blurred["laplacian_var_median"] < 60 < sharp["laplacian_var_median"]
+
+
+def _camera_report(frames: list[bytes], rate: int = 10) -> dict:
+    """Feed ``frames`` (one per 1/rate s) to a camera-only monitor; its /cam noise row."""
+    qm = QualityMonitor({"/cam": INFOS["/cam"]}, {"consent_status": "obtained"})
+    for k, img in enumerate(frames):
+        t = k * S // rate
+        qm.observe("seg", Sample("/cam", img, t, t_ns=t))
+        qm.drain()  # as if the checker kept up (in the agent it runs at camera rate)
+    rep = qm.report("seg", (0, len(frames) * S // rate), {"/cam": {"messages": len(frames)}},
+                    {})
+    return rep["checks"]["noise"]["streams"]["/cam"]
+
+
+def _textured(detail: float) -> np.ndarray:
+    """A scene whose texture contrast is ``detail`` (Laplacian variance grows with its
+    square: 12 → ~260, 5.5 → ~58 on the monitor's quarter-size grey image)."""
+    n = cv2.resize(RNG.normal(0, detail, (120, 160, 3)), (640, 480),
+                   interpolation=cv2.INTER_LINEAR)
+    return np.clip(128 + n, 0, 255).astype(np.uint8)
+
+
+def test_blur_is_judged_against_the_cameras_own_sharpness() -> None:
+    street = [_textured(12.0), _textured(12.0)]
+    sharp = [jpeg(im) for im in street]
+    # a plain wall at a stop: ~0.2x the street's detail, below any fixed threshold that
+    # would catch the blur below, yet nothing is wrong with the camera
+    low_texture = jpeg(_textured(5.5))
+    blurred = jpeg(cv2.GaussianBlur(street[0], (0, 0), 3))  # ~0.06x: defocus, fog
+    stop = _camera_report([sharp[k % 2] for k in range(60)] + [low_texture] * 60)
+    assert stop["blurred"] == 0 and stop["verdict"] == "ok", stop
+    assert stop["laplacian_var_median"] < 80  # it is a low-texture scene
+    onset = _camera_report([sharp[k % 2] for k in range(60)] + [blurred] * 30)
+    assert onset["blurred"] >= 5 and onset["verdict"] in ("warn", "fail"), onset
+    # above the absolute floor: without the camera's history it would pass as sharp
+    assert _camera_report([blurred] * 30)["blurred"] == 0
+
+
+def test_one_odd_frame_is_not_a_segment_defect() -> None:
+    flash = jpeg(np.full_like(SHARP, 255))
+    frames = [jpeg(_textured(12.0)) for _ in range(3)]
+    seq = [frames[k % 3] for k in range(100)]
+    seq[41] = flash  # a clapper flash or a passing headlight, caught by a check
+    row = _camera_report(seq)
+    assert row["verdict"] == "ok", row
+
+
+def test_two_seconds_of_dead_silence_in_ten_are_flagged() -> None:
+    qm = QualityMonitor({"/mic": INFOS["/mic"]}, {"consent_status": "obtained"})
+    for k in range(100):
+        pcm = (RNG.normal(0, 3000, 1600)).astype("<i2") if not 40 <= k < 60 else \
+            np.zeros(1600, "<i2")
+        qm.observe("seg", Sample("/mic", pcm, k * S // 10, t_ns=k * S // 10))
+    rep = qm.report("seg", (0, 10 * S), {"/mic": {"messages": 100}}, {})
+    assert "noise:/mic" in rep["flags"], rep["checks"]["noise"]
