@@ -10,8 +10,10 @@ per segment, the ``quality`` section of the manifest:
 - alignment: clock quality per stream (from the clock stage);
 - noise: camera blur (variance of the Laplacian, judged against the camera's own recent
   sharpness, so a low-texture scene is not "blurred") and over/under exposure; audio
-  clipping and dead silence; LiDAR empty or low-return scans; GPS fix quality and HDOP;
-- near-duplicates: vehicle standing still (GPS speed), repeated camera frames;
+  clipping, dead silence and dropouts (runs of digital zeros in live audio); LiDAR empty or
+  low-return scans; GPS fix quality and HDOP;
+- near-duplicates: repeated camera frames (a frozen camera: flagged) and the share of the
+  segment the vehicle stood still (GPS speed; reported for curation, not flagged);
 - provenance and consent, from the config (plus speech seen by a labeler).
 
 Each check has a one-word verdict: ``ok``, ``warn`` or ``fail`` (``n/a`` when the check
@@ -56,6 +58,11 @@ class QualityThresholds:
     camera_min_bad: int = 2  # bad checked frames before a camera defect is a segment's
     silence_warn: float = 0.2  # share of dead-silent audio blocks: warn / fail
     silence_fail: float = 0.8
+    # a dropout: a run of this many exact digital zeros inside live audio (a live mic's
+    # noise floor is never exactly 0 for a few ms; a buffer underrun or a lost packet is)
+    dropout_run: int = 96
+    dropout_warn: float = 0.01  # share of blocks with a dropout: warn / fail
+    dropout_fail: float = 0.1
 
 
 @dataclass
@@ -76,6 +83,7 @@ class _StreamQ:
     audio_samples: int = 0
     clipped: int = 0
     silent_blocks: int = 0
+    dropout_blocks: int = 0
     blocks: int = 0
     # lidar
     scan_points: list[int] = field(default_factory=list)
@@ -226,7 +234,10 @@ class QualityMonitor:
         q.audio_samples += pcm.size
         q.clipped += int(np.count_nonzero((pcm >= 32767) | (pcm <= -32768)))
         rms = math.sqrt(float(np.mean(np.square(pcm, dtype=np.float64))))
-        q.silent_blocks += rms < self.th.silence_rms
+        silent = rms < self.th.silence_rms
+        q.silent_blocks += silent
+        if not silent:
+            q.dropout_blocks += _has_zero_run(pcm.reshape(-1), self.th.dropout_run)
 
     # -- report -----------------------------------------------------------------------
     def report(self, seg: str, span_ns: tuple[int, int] | None, streams_manifest: dict[str, Any],
@@ -258,8 +269,8 @@ class QualityMonitor:
             dev = st.get("device", {})
             v = "fail" if n == 0 else ("ok" if share >= th.completeness_warn else
                                        "warn" if share >= th.completeness_fail else "fail")
-            causes = {k: dev.get(k, 0) for k in ("gaps", "corrupt", "reconnects")
-                      if dev.get(k)}
+            causes = {k: dev.get(k, 0) for k in ("gaps", "corrupt", "truncated", "garbage",
+                                                 "reconnects") if dev.get(k)}
             if st.get("queue_drops"):
                 causes["queue_drops"] = st["queue_drops"]
             if causes and v == "ok":
@@ -305,10 +316,12 @@ class QualityMonitor:
             elif k == StreamKind.AUDIO and q.blocks:
                 clip = q.clipped / max(q.audio_samples, 1)
                 sil = q.silent_blocks / q.blocks
+                drop = q.dropout_blocks / q.blocks
                 v = max(_verdict(clip, th.clip_share, 10 * th.clip_share),
-                        _verdict(sil, th.silence_warn, th.silence_fail), key=_rank)
+                        _verdict(sil, th.silence_warn, th.silence_fail),
+                        _verdict(drop, th.dropout_warn, th.dropout_fail), key=_rank)
                 noise[name] = {"clipped_share": round(clip, 5), "silent_share": round(sil, 4),
-                               "verdict": v}
+                               "dropout_share": round(drop, 4), "verdict": v}
             elif k == StreamKind.LIDAR and q.scan_points:
                 med = float(np.median(q.scan_points)) or 1.0
                 empty = sum(1 for p in q.scan_points if p == 0)
@@ -327,8 +340,10 @@ class QualityMonitor:
                     v = max(v, "warn", key=_rank)
                 noise[name] = {"fixes": q.fixes, "no_fix": q.no_fix, "hdop_median": hd,
                                "verdict": v}
+                # reported for curation (the seconds at a red light are near-duplicates),
+                # never flagged: standing still is not a defect of the data
                 dup[name] = {"standing_still_share": round(q.still / q.fixes, 3),
-                             "verdict": "warn" if q.still == q.fixes else "ok"}
+                             "verdict": "ok"}
         checks["noise"] = {"streams": noise,
                            "verdict": _worst(v["verdict"] for v in noise.values())}
         checks["near_duplicates"] = {"streams": dup,
@@ -358,6 +373,15 @@ def _rank(v: str) -> int:
 def _worst(vs: Any) -> str:
     vs = list(vs)
     return max(vs, key=_rank) if vs else "n/a"
+
+
+def _has_zero_run(x: np.ndarray, run: int) -> bool:
+    """Whether ``x`` holds ``run`` or more consecutive exact zeros."""
+    z = x == 0
+    if int(z.sum()) < run:
+        return False
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], z.view(np.int8), [0]))))
+    return bool(((edges[1::2] - edges[0::2]) >= run).any())
 
 
 def _grey_small(payload: Any, encoding: str) -> np.ndarray | None:

@@ -21,7 +21,8 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 ObjectClass = Literal["car", "pedestrian", "cyclist", "sign"]
 FaultKind = Literal["dropout", "corrupt", "disconnect", "stall", "truncate", "garbage",
-                    "bad_checksum", "outage", "overexpose", "blur", "clip", "silence"]
+                    "bad_checksum", "outage", "overexpose", "underexpose", "blur", "freeze",
+                    "clip", "silence"]
 
 
 class _Strict(BaseModel):

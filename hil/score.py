@@ -49,6 +49,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .quality_score import score_quality
 from .runner import RunResult
 from .truth import read_truth
 from .world import DeviceClock
@@ -686,16 +687,30 @@ def score_run(run_dir: str | Path, assertions: dict[str, float] | None = None
         "upload": res.upload, "upload_note": res.upload_note,
         "emulators": res.emulators, "problems": b.problems, "notes": res.notes,
     }
-    if assertions is None:
-        from .scenario import load_scenario
+    from .scenario import load_scenario
 
-        try:
-            assertions = load_scenario(res.scenario_path).assertions
-        except Exception:  # noqa: BLE001 - scored without assertions, said so
-            assertions = {}
-            report["problems"].append(f"cannot load {res.scenario_path} for its assertions")
+    try:
+        sc = load_scenario(res.scenario_path)
+    except Exception:  # noqa: BLE001 - scored without assertions, said so
+        sc = None
+        report["problems"].append(f"cannot load {res.scenario_path} for its assertions")
+    if sc is not None:
+        report["quality"] = score_quality(
+            b.manifests, {d: list(getattr(sc.devices, d).faults) for d in res.devices
+                          if getattr(sc.devices, d, None) is not None},
+            {d: res.streams[d] for d in res.devices}, res.run_t0_ns,
+            {d: _shortfalls(run_dir, d, res.run_t0_ns) for d in res.devices})
+    if assertions is None:
+        assertions = sc.assertions if sc is not None else {}
     report["assertions"] = check_assertions(report, assertions)
     return report
+
+
+def _shortfalls(run_dir: Path, device: str, run_t0_ns: int) -> list[float]:
+    """Scenario seconds of the samples ``device``'s emulator withheld on its own account
+    (it overran), not for a scenario fault."""
+    return [(r["true_ns"] - run_t0_ns) / NS for r in _truth(run_dir, device)
+            if r.get("type") == "sample" and r.get("reason") == "overrun" and "true_ns" in r]
 
 
 def _first_sample_s(b: Bundle, res: RunResult) -> float | None:
@@ -733,6 +748,13 @@ def _metric(report: dict[str, Any], key: str) -> tuple[float | None, str, str]:
         return (max(vals) if vals else None), "<=", ""
     if key == "min_segments_verified_share":
         return report["segments"]["verified_share"], ">=", ""
+    if key in ("quality_faults_missed_max", "quality_unexplained_flags_max"):
+        q = report.get("quality")
+        if q is None:
+            return None, "<=", "no quality report scored"
+        n = len(q["faults"]["missed"]) if key == "quality_faults_missed_max" else \
+            len(q["flags"]["unexplained"])
+        return n, "<=", ""
     if key == "max_rss_growth_mb":
         return report["agent"]["rss"].get("growth_mb"), "<=", ""
     if key == "max_rss_slope_mb_per_min":
@@ -841,6 +863,18 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
         con.print(lt)
     else:
         con.print(f"labels: {lab.get('note', 'no labels') if isinstance(lab, dict) else lab}")
+    q = report.get("quality")
+    if q:
+        fq, fl = q["faults"], q["flags"]
+        con.print(f"quality flags: {fq['detected']}/{fq['injected']} injected faults flagged; "
+                  f"{fl['total']} flags, explained {fl['explained'] or '{}'}, "
+                  f"unexplained {len(fl['unexplained'])}")
+        for r in fq["missed"]:
+            con.print(f"  [red]missed[/] {r['device']} {r['kind']} at {r['t_s']:g} s "
+                      f"(expected {'/'.join(r['expected'])})")
+        for r in fl["unexplained"]:
+            con.print(f"  [yellow]unexplained[/] {r['flag']} in {r['t_s'][0]:g}–"
+                      f"{r['t_s'][1]:g} s: {r['detail']}")
     a = report["agent"]
     rss = a["rss"]
     seg = report["segments"]

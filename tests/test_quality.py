@@ -32,6 +32,7 @@ def points(n: int) -> np.ndarray:
 
 
 def run(seconds: int = 10, *, blur=False, bright=False, clip=False, silent=False,
+        audio_dropouts=False,
         empty_lidar=False, no_fix=False, frozen=False, still=False, drop_cam=0.0,
         consent="obtained") -> dict:
     qm = QualityMonitor(INFOS, {"consent_status": consent})
@@ -50,6 +51,8 @@ def run(seconds: int = 10, *, blur=False, bright=False, clip=False, silent=False
             pcm[:100] = 32767
         if silent:
             pcm[:] = 0
+        if audio_dropouts and k % 5 == 0:
+            pcm[400:880] = 0  # 30 ms of a 100 ms block lost to an underrun
         qm.observe("seg", Sample("/mic", pcm, t, t_ns=t))
         qm.observe("seg", Sample("/lidar", points(0 if empty_lidar and k % 2 else 60000),
                                  t, t_ns=t))
@@ -74,10 +77,10 @@ def test_each_defect_is_flagged() -> None:
         "overexposed": ("noise:/cam", run(bright=True)),
         "clipping": ("noise:/mic", run(clip=True)),
         "silence": ("noise:/mic", run(silent=True)),
+        "audio dropouts": ("noise:/mic", run(audio_dropouts=True)),
         "empty lidar": ("noise:/lidar", run(empty_lidar=True)),
         "no gps fix": ("noise:/gps", run(no_fix=True)),
         "frozen camera": ("near_duplicates:/cam", run(frozen=True)),
-        "standing still": ("near_duplicates:/gps", run(still=True)),
         "missing frames": ("completeness:/cam", run(drop_cam=0.25)),
         "consent": ("provenance", run(consent="unknown")),
     }
@@ -147,3 +150,9 @@ def test_two_seconds_of_dead_silence_in_ten_are_flagged() -> None:
         qm.observe("seg", Sample("/mic", pcm, k * S // 10, t_ns=k * S // 10))
     rep = qm.report("seg", (0, 10 * S), {"/mic": {"messages": 100}}, {})
     assert "noise:/mic" in rep["flags"], rep["checks"]["noise"]
+
+
+def test_standing_still_is_reported_not_flagged() -> None:
+    rep = run(still=True)
+    assert rep["checks"]["near_duplicates"]["streams"]["/gps"]["standing_still_share"] == 1.0
+    assert rep["flags"] == []

@@ -28,12 +28,19 @@ tell the emulator's own lateness from the agent's error.
 Faults (``settings.faults``): ``dropout`` (each frame skipped with probability ``rate``;
 the counter advances), ``stall`` (frames captured but none sent; connections stay open),
 ``disconnect`` (open connections are closed and new ones closed on accept while it
-lasts), ``overexpose`` and ``blur`` (image defects of strength ``rate``; frames sent).
+lasts), ``overexpose``, ``underexpose`` and ``blur`` (image defects of strength ``rate``;
+frames sent),
+``freeze`` (a hung image pipeline: the last JPEG is sent again with each new frame's
+time and counter, so its image bytes repeat; truth boxes are the frozen image's).
 
 Options (``[devices.camera.options]``): ``width`` (640), ``height`` (480), ``quality``
 (80), ``calibration`` (dict; default :func:`hil.render.default_calibration`),
 ``flash_frames`` (1: frames the clapper flash covers), ``client_queue`` (4 frames per
-client before the oldest is dropped for that client).
+client before the oldest is dropped for that client), ``gain_jitter`` (0.01: each frame's
+gain is off by up to ±1 %, as auto-exposure and mains flicker make it on a real camera; it
+also keeps two frames of a still scene from being byte-identical, which a noise-free
+renderer would otherwise make them and which the quality report rightly calls a frozen
+camera).
 
 Truth (``truth/camera.jsonl``): per frame ``{"type": "sample", "seq", "true_ns",
 "device_ns", "sent", "clients", "reason"?, "boxes"?, "clapper"?, "defects"?}`` —
@@ -86,6 +93,7 @@ class CameraEmulatorOptions(BaseModel):
     calibration: dict[str, Any] | None = None
     flash_frames: int = Field(default=1, ge=1, le=30)
     client_queue: int = Field(default=4, ge=1, le=300)
+    gain_jitter: float = Field(default=0.01, ge=0, le=0.2)
 
 
 def insert_jpeg_comment(jpeg: bytes, text: bytes) -> bytes:
@@ -176,6 +184,7 @@ class CameraEmulator(Emulator):
         self._threads: list[threading.Thread] = []
         self._srv: socket.socket | None = None
         self._disconnected = False
+        self._last_image: tuple[bytes, list[Any]] | None = None  # for ``freeze``
         self._logged_faults: set[int] = set()
         #: CPU seconds spent in the capture thread (render + encode), for the benchmark
         self.capture_cpu_s = 0.0
@@ -384,10 +393,22 @@ class CameraEmulator(Emulator):
             defects["blur_px"] = max(3, int(round(21 * faults["blur"].rate)))
         if "overexpose" in faults:
             defects["overexpose"] = float(faults["overexpose"].rate)
-        img, boxes = render(self.world, t_s, self.camera, flash=clap is not None, **defects)
-        ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, self.opts.quality])
-        jpeg = insert_jpeg_comment(enc.tobytes(),
-                                   f"edgecap-hil t_dev_ns={device_ns} seq={seq}".encode())
+        light = self.world.brightness(t_s)
+        if "underexpose" in faults:  # the scene's light times (1 - rate)
+            light *= 1 - faults["underexpose"].rate
+            defects["underexpose"] = 1.0
+        gain = light * (1 + self.rng.uniform(-self.opts.gain_jitter, self.opts.gain_jitter))
+        if "freeze" in faults and self._last_image is not None:
+            image, boxes = self._last_image  # the same bytes again
+            defects["freeze"] = 1.0
+        else:
+            img, boxes = render(self.world, t_s, self.camera, gain, flash=clap is not None,
+                                blur_px=defects.get("blur_px", 0),
+                                overexpose=defects.get("overexpose", 0.0))
+            ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, self.opts.quality])
+            image = enc.tobytes()
+            self._last_image = (image, boxes)
+        jpeg = insert_jpeg_comment(image, f"edgecap-hil t_dev_ns={device_ns} seq={seq}".encode())
         extra["boxes"] = [b.as_dict() for b in boxes]
         if clap is not None:
             extra["clapper"] = clap
