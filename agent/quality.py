@@ -84,6 +84,7 @@ class _StreamQ:
     clipped: int = 0
     silent_blocks: int = 0
     dropout_blocks: int = 0
+    live: bool = False  # the last audio block was not silent
     blocks: int = 0
     # lidar
     scan_points: list[int] = field(default_factory=list)
@@ -164,8 +165,12 @@ class QualityMonitor:
     def _camera(self, q: _StreamQ, s: Sample) -> None:
         p = s.payload
         if isinstance(p, (bytes, bytearray, memoryview)):
-            # repeated frames: identical JPEG bytes (a frozen camera re-sending one frame)
-            digest = hashlib.blake2b(bytes(p[-4096:]), digest_size=8).digest()
+            # repeated frames: identical JPEG bytes (a frozen camera re-sending one frame);
+            # the middle and the end of the entropy-coded data stand for the whole frame
+            # (a flat region, e.g. the road under the hood, can encode alike in two frames)
+            mid = len(p) // 2
+            digest = hashlib.blake2b(bytes(p[mid - 2048:mid + 2048]) + bytes(p[-4096:]),
+                                     digest_size=8).digest()
             if digest == q.last_digest:
                 q.repeated += 1
             q.last_digest = digest
@@ -238,6 +243,9 @@ class QualityMonitor:
         q.silent_blocks += silent
         if not silent:
             q.dropout_blocks += _has_zero_run(pcm.reshape(-1), self.th.dropout_run)
+        elif q.live and not pcm.any():
+            q.dropout_blocks += 1  # live audio cut to digital zeros: a dropout begins
+        q.live = not silent
 
     # -- report -----------------------------------------------------------------------
     def report(self, seg: str, span_ns: tuple[int, int] | None, streams_manifest: dict[str, Any],
@@ -270,7 +278,7 @@ class QualityMonitor:
             v = "fail" if n == 0 else ("ok" if share >= th.completeness_warn else
                                        "warn" if share >= th.completeness_fail else "fail")
             causes = {k: dev.get(k, 0) for k in ("gaps", "corrupt", "truncated", "garbage",
-                                                 "reconnects") if dev.get(k)}
+                                                 "garbage_bytes", "reconnects") if dev.get(k)}
             if st.get("queue_drops"):
                 causes["queue_drops"] = st["queue_drops"]
             if causes and v == "ok":

@@ -23,7 +23,8 @@ counted *unexplained*:
   begins within :data:`WARMUP_S` of the first sample (the clock estimators lock on the
   first seconds of data; see docs/clock.md);
 - ``start``/``end``: a ``completeness`` flag of the session's first or last segment
-  (the agent starts and stops inside a window).
+  (the agent starts and stops inside a window), or a ``noise`` flag of a segment that
+  began before t = 0 (the emulators send nothing, or silence, before the world starts).
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def _explain(check: str, stream: str, span: tuple[float, float], q: dict[str, An
             return "warm-up"
     if check == "completeness" and i in (0, last):
         return "start" if i == 0 else "end"
+    if check == "noise" and span[0] < 0:
+        return "start"  # the agent recorded before t = 0, when the emulators began
     return None
 
 

@@ -46,3 +46,12 @@ def test_clean_run_flags_need_a_cause() -> None:
     assert q["flags"]["explained"] == {"warm-up": 1, "start": 1, "emulator": 1, "end": 1}
     assert [(u["segment"], u["flag"]) for u in q["flags"]["unexplained"]] == \
         [(5, "alignment:/cam")]
+
+
+def test_noise_before_the_world_starts_is_explained() -> None:
+    early = seg(0, ["noise:/mic"])
+    early["t_first_ns"] -= S  # the agent was recording 1 s before t = 0
+    q = score_quality([early, seg(1, ["noise:/mic"])], {"camera": [], "audio": []},
+                      STREAMS, T0)
+    assert q["flags"]["explained"] == {"start": 1}
+    assert [u["segment"] for u in q["flags"]["unexplained"]] == [1]

@@ -53,6 +53,8 @@ def run(seconds: int = 10, *, blur=False, bright=False, clip=False, silent=False
             pcm[:] = 0
         if audio_dropouts and k % 5 == 0:
             pcm[400:880] = 0  # 30 ms of a 100 ms block lost to an underrun
+        if audio_dropouts and k % 5 == 2:
+            pcm[:] = 0  # a whole block lost
         qm.observe("seg", Sample("/mic", pcm, t, t_ns=t))
         qm.observe("seg", Sample("/lidar", points(0 if empty_lidar and k % 2 else 60000),
                                  t, t_ns=t))
