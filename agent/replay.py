@@ -426,9 +426,36 @@ def _download_blob(be: Any, sha: str, dst: Path) -> None:
 # Reading: channels back to StreamInfos, messages back to Samples
 # =====================================================================================
 
+@dataclass(frozen=True)
+class MessageRef:
+    """Where bytes of a recorded message lie in its segment file: ``length`` bytes at
+    ``offset`` of ``path`` (a message in an uncompressed chunk), and the first of them
+    (``head``, up to what was asked for). Lets a caller copy a large payload file to file
+    (``os.copy_file_range``) instead of reading it into memory."""
+
+    path: Path
+    offset: int
+    length: int
+    head: bytes = b""
+
+    def read(self, fd: int | None = None) -> bytes:
+        """The bytes (``os.pread`` on ``fd`` when given, else on a fresh descriptor);
+        raises BundleError when the file is shorter than the reference."""
+        if fd is None:
+            with open(self.path, "rb") as f:
+                return self.read(f.fileno())
+        b = os.pread(fd, self.length, self.offset)
+        if len(b) != self.length:
+            raise BundleError(f"{self.path.name}: short read at {self.offset} "
+                              "(file truncated?)")
+        return b
+
+
 @dataclass
 class Record:
-    """One recorded message with its times restored (raw bytes, not decoded yet)."""
+    """One recorded message with its times restored (raw bytes, not decoded yet). A record
+    read with ``refs`` (see :meth:`SessionReader.records`) has ``ref`` set and empty
+    ``data``: its bytes are still in the segment file."""
 
     stream: str
     t_ns: int
@@ -443,6 +470,7 @@ class Record:
     publish_time: int = 0
     sequence: int = 0
     stamped: bool = True
+    ref: MessageRef | None = None
 
     def key(self) -> tuple[int, int, int]:
         return (self.t_ns, self.rank, self.seq if self.seq is not None else -1)
@@ -573,9 +601,11 @@ class _IndexedSegment:
     reader's linear path is used."""
 
     _MSG = struct.Struct("<HIQQ")  # channel_id, sequence, log_time, publish_time
+    _SMALL = 4096  # messages up to this size come with their header in one read
 
     def __init__(self, f: Any, summary: Any):
         self.fd = f.fileno()
+        self.path = Path(f.name)
         self.summary = summary
         self._chunk_cache: tuple[int, bytes] | None = None
 
@@ -621,12 +651,18 @@ class _IndexedSegment:
         ci = self.summary.chunk_indexes[chunk_no]
         rec_start = ci.chunk_start_offset + 49 + len(ci.compression)
         if not ci.compression:
-            head = self._pread(9 + 22, rec_start + off)
-            if head[0] != 0x05:
+            # one read for the header and a small message (labels, fixes); two for large
+            head = os.pread(self.fd, 31 + self._SMALL, rec_start + off)
+            if len(head) < 31 or head[0] != 0x05:
                 raise BundleError(f"no message record at chunk {chunk_no} offset {off}")
             (ln,) = struct.unpack_from("<Q", head, 1)
             cid, seq, t, pub = self._MSG.unpack_from(head, 9)
-            return cid, seq, t, pub, self._pread(ln - 22, rec_start + off + 31)
+            n = ln - 22
+            if n <= self._SMALL:
+                if len(head) < 31 + n:
+                    raise BundleError(f"short read at {rec_start + off} (file truncated?)")
+                return cid, seq, t, pub, head[31:31 + n]
+            return cid, seq, t, pub, self._pread(n, rec_start + off + 31)
         if self._chunk_cache is None or self._chunk_cache[0] != chunk_no:
             raw = self._pread(ci.compressed_size, rec_start)
             self._chunk_cache = (chunk_no, _decompress(ci.compression, raw,
@@ -637,6 +673,24 @@ class _IndexedSegment:
         (ln,) = struct.unpack_from("<Q", buf, off + 1)
         cid, seq, t, pub = self._MSG.unpack_from(buf, off + 9)
         return cid, seq, t, pub, buf[off + 31:off + 9 + ln]
+
+    def message_ref(self, chunk_no: int, off: int, head: int
+                    ) -> tuple[int, int, int, int, MessageRef] | None:
+        """Like :meth:`message` but the data left in the file: a :class:`MessageRef` with
+        the first ``head`` bytes read; None when the chunk is compressed."""
+        ci = self.summary.chunk_indexes[chunk_no]
+        if ci.compression:
+            return None
+        pos = ci.chunk_start_offset + 49 + off
+        buf = os.pread(self.fd, 31 + head, pos)
+        if len(buf) < 31 or buf[0] != 0x05:
+            raise BundleError(f"no message record at chunk {chunk_no} offset {off}")
+        (ln,) = struct.unpack_from("<Q", buf, 1)
+        cid, seq, t, pub = self._MSG.unpack_from(buf, 9)
+        n = ln - 22
+        if len(buf) < 31 + min(head, n):
+            raise BundleError(f"short read at {pos} (file truncated?)")
+        return cid, seq, t, pub, MessageRef(self.path, pos + 31, n, buf[31:31 + min(head, n)])
 
 
 class _Msg:
@@ -685,6 +739,7 @@ class SessionReader:
         self.stamps_missing = 0
         self.decode_errors = 0
         self._seg_first: list[int | None] = []
+        self._summaries: dict[int, Any] = {}  # segment index → its summary, read once
         self._make_reader = make_reader
         streams_meta: dict[str, Any] = {}
         calibration: dict[str, Any] = {}
@@ -715,6 +770,7 @@ class SessionReader:
             if first is None and st is not None and st.message_count:
                 first = st.message_start_time
             self._seg_first.append(first)
+            self._summaries[len(self._seg_first) - 1] = summary
             for cid in sorted(summary.channels):
                 ch = summary.channels[cid]
                 channels.append((ch.topic, ch, summary.schemas.get(ch.schema_id)))
@@ -766,10 +822,16 @@ class SessionReader:
 
     # -- records --------------------------------------------------------------------
     def records(self, start_ns: int | None = None, end_ns: int | None = None,
-                streams: set[str] | None = None) -> Iterator[Record]:
+                streams: set[str] | None = None, refs: set[str] | None = None,
+                ref_head: int = 4096) -> Iterator[Record]:
         """Records with ``start_ns <= t_ns < end_ns`` of ``streams`` (default: all
-        replayable), in ``(t_ns, stream order, seq)`` order across every segment."""
+        replayable), in ``(t_ns, stream order, seq)`` order across every segment.
+
+        Records of the streams in ``refs`` that lie in uncompressed chunks of an indexed
+        segment are not read: they carry a :class:`MessageRef` (``ref``, with the first
+        ``ref_head`` bytes) and empty ``data``; every other record carries its bytes."""
         want = set(self.infos) if streams is None else set(streams) & set(self.infos)
+        lazy = (refs or set()) & want
         segs = sorted((first, i) for i, first in enumerate(self._seg_first)
                       if first is not None)
         heap: list[tuple[tuple[int, int, int], int, int, Record, Iterator[Record]]] = []
@@ -785,7 +847,7 @@ class SessionReader:
                 last = (self.session.segments[i].manifest or {}).get("t_last_ns")
                 if start_ns is not None and last is not None and last < start_ns:
                     continue
-                it = self._segment_records(i, start_ns, end_ns, want)
+                it = self._segment_records(i, start_ns, end_ns, want, lazy, ref_head)
                 first = next(it, None)
                 if first is not None:
                     tie += 1
@@ -822,7 +884,8 @@ class SessionReader:
             self.decode_errors += 1
 
     def _segment_records(self, i: int, start_ns: int | None, end_ns: int | None,
-                         want: set[str]) -> Iterator[Record]:
+                         want: set[str], lazy: set[str] = frozenset(),
+                         ref_head: int = 0) -> Iterator[Record]:
         seg = self.session.segments[i]
         try:
             f = open(seg.path, "rb")
@@ -832,9 +895,12 @@ class SessionReader:
         with f:
             try:
                 reader = self._make_reader(f)
-                idx = _IndexedSegment(f, reader.get_summary())
+                summary = self._summaries.get(i)
+                idx = _IndexedSegment(f, summary if summary is not None else
+                                      reader.get_summary())
                 if idx.usable():
-                    yield from self._indexed_records(i, idx, start_ns, end_ns, want)
+                    yield from self._indexed_records(i, idx, start_ns, end_ns, want, lazy,
+                                                     ref_head)
                     return
                 stamps = self._stamps(reader, want)
                 msgs = reader.iter_messages(topics=sorted(want), starting_at=start_ns,
@@ -856,7 +922,8 @@ class SessionReader:
                 log.warning("replay: %s: %s", seg.path.name, e)
 
     def _indexed_records(self, i: int, idx: _IndexedSegment, start_ns: int | None,
-                         end_ns: int | None, want: set[str]) -> Iterator[Record]:
+                         end_ns: int | None, want: set[str], lazy: set[str] = frozenset(),
+                         ref_head: int = 0) -> Iterator[Record]:
         summ = idx.summary
         chans = {cid: ch for cid, ch in summ.channels.items() if ch.topic in want}
         stamp_ids = {cid for cid, ch in summ.channels.items() if ch.topic == STAMPS_TOPIC}
@@ -867,11 +934,19 @@ class SessionReader:
         entries = idx.entries(set(chans), start_ns, end_ns)
         entries.sort(key=lambda e: (e[0], order[chans[e[1]].topic], e[2], e[3]))
         run: list[Record] = []
+        lazy_ids = {cid for cid, ch in chans.items() if ch.topic in lazy}
         for t, cid, k, off in entries:
             ch = chans[cid]
-            _cid, seq, log_time, pub, data = idx.message(k, off)
+            got = idx.message_ref(k, off, ref_head) if cid in lazy_ids else None
+            if got is None:
+                _cid, seq, log_time, pub, data = idx.message(k, off)
+                ref = None
+            else:
+                _cid, seq, log_time, pub, ref = got
+                data = b""
             msg = _Msg(log_time, pub, seq, data)
             rec = self._record(i, summ.schemas.get(ch.schema_id), ch, msg, stamps)
+            rec.ref = ref
             if run and rec.t_ns != run[0].t_ns:
                 if len(run) > 1:
                     run.sort(key=Record.key)
@@ -913,13 +988,19 @@ class SessionReader:
         return d
 
     def sample(self, rec: Record) -> Sample | None:
-        """The Sample of a record (payload decoded), or None when it does not decode
-        (counted in ``decode_errors``)."""
+        """The Sample of a record (payload decoded; a ``ref`` record's bytes are read
+        first), or None when it does not decode (counted in ``decode_errors``)."""
         try:
-            payload = self.decoder(rec.stream)(rec.data)
+            data = rec.data if rec.ref is None else rec.ref.read()
+            payload = self.decoder(rec.stream)(data)
         except Exception:
             self.decode_errors += 1
             return None
+        return self.sample_of(rec, payload)
+
+    @staticmethod
+    def sample_of(rec: Record, payload: Any) -> Sample:
+        """The Sample of a record with a payload the caller decoded."""
         meta: dict[str, Any] = {} if rec.stamped else {"stamps_missing": True}
         return Sample(rec.stream, payload, rec.host_rx_ns, device_t_ns=rec.device_t_ns,
                       seq=rec.seq, t_ns=rec.t_ns, meta=meta)

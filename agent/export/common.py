@@ -12,12 +12,23 @@ fix; each with the :class:`LabelSet` of every label stream that describes it) an
 within ``[from, to)`` and, with ``only_triggered``, only inside trigger windows
 (``triggers.jsonl`` of the session, else the windows of segments whose manifest lists
 triggers). Blocking file I/O on the caller's thread.
+
+Compressed images are not read into memory when their bytes lie as they are in the
+segment file (an uncompressed chunk, which the recorder's ``auto`` compression gives every
+session with JPEG cameras): the frame's payload is then a :class:`MessageRef` to the
+``data`` field of the ``foxglove.CompressedImage`` message (found by walking the message's
+protobuf fields; any surprise falls back to decoding the message), and
+:meth:`FileWriter.write` copies those bytes file to file in the kernel
+(``os.copy_file_range``). The exported file is byte for byte the recorded image either way.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
+import os
 import re
 import threading
 from collections import deque
@@ -25,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from agent.replay import (NS, ReplaySourceOptions, Session, SessionReader, open_session,
-                          select_streams)
+from agent.errors import BundleError
+from agent.replay import (NS, MessageRef, ReplaySourceOptions, Record, Session,
+                          SessionReader, open_session, select_streams)
 from agent.triggers import Window, merge_windows
 from agent.types import Sample, StreamInfo, StreamKind
 
@@ -103,6 +115,7 @@ class AudioLabel:
     labels: LabelSet
 
 
+@functools.lru_cache(maxsize=4096)
 def slug(name: str) -> str:
     """``/camera/front`` → ``camera_front`` (file-name safe)."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/"))
@@ -111,7 +124,8 @@ def slug(name: str) -> str:
 
 def image_size(data: bytes, encoding: str) -> tuple[int, int] | None:
     """``(width, height)`` of compressed image bytes without decoding (JPEG SOF, PNG
-    IHDR); None when the bytes are not an image."""
+    IHDR); None when the bytes are not an image. For the first bytes of an image it is
+    the whole image's answer when the header lies within them, else None."""
     if encoding == "png" or data[:8] == b"\x89PNG\r\n\x1a\n":
         if len(data) >= 24 and data[12:16] == b"IHDR":
             return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -119,6 +133,81 @@ def image_size(data: bytes, encoding: str) -> tuple[int, int] | None:
     from agent.labelers.camera_yolo import jpeg_size
 
     return jpeg_size(data)
+
+
+# -- compressed images left in their segment file ---------------------------------------
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    """The protobuf varint at ``b[i]``: ``(value, next index)``; IndexError past the end of
+    ``b``, ValueError when longer than 10 bytes."""
+    v = shift = 0
+    while shift < 70:
+        c = b[i]
+        i += 1
+        v |= (c & 0x7F) << shift
+        if c < 0x80:
+            return v, i
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(b: bytes, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(field number, wire type, field start, value start, value end)`` of the protobuf
+    fields that fill ``[0, end)`` of a message whose first bytes are ``b`` (a value may
+    run past ``b``). ValueError for a field that runs past ``end`` or a group; IndexError
+    when a field's key or length lies past ``b``."""
+    i = 0
+    while i < end:
+        start = i
+        key, i = _varint(b, i)
+        wt = key & 7
+        if wt == 0:
+            _v, j = _varint(b, i)
+        elif wt == 1:
+            j = i + 8
+        elif wt == 5:
+            j = i + 4
+        elif wt == 2:
+            n, i = _varint(b, i)
+            j = i + n
+        else:
+            raise ValueError(f"wire type {wt}")
+        if j > end:
+            raise ValueError("field runs past the message")
+        yield key >> 3, wt, start, i, j
+        i = j
+
+
+def stored_image(ref: MessageRef, fd: int) -> MessageRef | None:
+    """Where the image bytes of the ``foxglove.CompressedImage`` message at ``ref`` lie:
+    a reference to its ``data`` field (field 2) in the same file, with the image's first
+    bytes as ``head``. ``fd`` reads the fields after the image, which must hold no second
+    ``data`` field (protobuf would take the last); the message without its image must
+    parse, so a message the decoder rejects is never exported this way. None when the
+    message is not laid out like that or its head is too short to tell (the caller
+    decodes it instead)."""
+    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
+
+    b = ref.head
+    try:
+        for num, wt, start, a, z in _fields(b, ref.length):
+            if num == 2:
+                if wt != 2:
+                    return None
+                break
+        else:
+            return None
+        tail = b""
+        if z < ref.length:
+            tail = b[z:ref.length] if ref.length <= len(b) else \
+                os.pread(fd, ref.length - z, ref.offset + z)
+            if len(tail) != ref.length - z or any(
+                    num == 2 for num, *_ in _fields(tail, len(tail))):
+                return None
+        CompressedImage.FromString(b[:start] + tail)
+    except Exception:  # IndexError, ValueError, protobuf's DecodeError
+        return None
+    return MessageRef(ref.path, ref.offset + a, z - a, b[a:z])
 
 
 # -- label messages → LabelSets ----------------------------------------------------------
@@ -206,6 +295,10 @@ class SessionView:
                    and (kinds is None or i.kind in kinds)]
         labels = [n for n, i in infos.items() if i.kind == StreamKind.LABEL]
         self.sensor_streams = select_streams(sensors, opts.streams)
+        #: camera streams whose images may stay in the segment files (module doc)
+        self.stored_streams = {n for n in self.sensor_streams
+                               if infos[n].kind == StreamKind.CAMERA
+                               and infos[n].encoding in IMAGE_EXT}
         chosen_labels = select_streams(labels, opts.labels)
         self.label_streams = {n for n in chosen_labels
                               if infos[n].params.get("source") in self.sensor_streams
@@ -256,36 +349,56 @@ class SessionView:
         pending: deque[Frame] = deque()
         unmatched: deque[tuple[str, LabelSet]] = deque()
         by_key: dict[tuple[str, int], Frame] = {}
-        for start, end in self.windows:
-            for rec in self.reader.records(start, end, want):
-                if progress is not None:
-                    progress(1)
-                s = self.reader.sample(rec)
-                if s is None:
-                    self.counts["decode_errors"] += 1
-                    continue
-                info = infos[s.stream]
-                if s.stream in self.label_streams:
-                    ls = label_set(s, info)
-                    if ls is None:
+        fds: dict[Path, int] = {}  # segment files read for stored images' trailing fields
+        try:
+            for start, end in self.windows:
+                for rec in self.reader.records(start, end, want, refs=self.stored_streams):
+                    if progress is not None:
+                        progress(1)
+                    s = None if rec.ref is None else self._stored_sample(rec, fds)
+                    if s is None:
+                        s = self.reader.sample(rec)
+                    if s is None:
+                        self.counts["decode_errors"] += 1
                         continue
-                    if _audio_label(info):
-                        yield AudioLabel(str(info.params.get("source", "")), ls)
-                        continue
-                    src = str(info.params.get("source", ""))
-                    fr = by_key.get((src, s.t_ns))
-                    if fr is not None:
-                        fr.labels.append(ls)
-                        self.counts["labels_attached"] += 1
+                    info = infos[s.stream]
+                    if s.stream in self.label_streams:
+                        ls = label_set(s, info)
+                        if ls is None:
+                            continue
+                        if _audio_label(info):
+                            yield AudioLabel(str(info.params.get("source", "")), ls)
+                            continue
+                        src = str(info.params.get("source", ""))
+                        fr = by_key.get((src, s.t_ns))
+                        if fr is not None:
+                            fr.labels.append(ls)
+                            self.counts["labels_attached"] += 1
+                        else:
+                            unmatched.append((src, ls))
                     else:
-                        unmatched.append((src, ls))
-                else:
-                    fr = Frame(s, info)
-                    pending.append(fr)
-                    by_key[(s.stream, s.t_ns)] = fr
-                yield from self._flush(pending, unmatched, by_key, s.t_ns - self.HOLD_NS)
-            yield from self._flush(pending, unmatched, by_key, None)
+                        fr = Frame(s, info)
+                        pending.append(fr)
+                        by_key[(s.stream, s.t_ns)] = fr
+                    yield from self._flush(pending, unmatched, by_key, s.t_ns - self.HOLD_NS)
+                yield from self._flush(pending, unmatched, by_key, None)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         self.counts["labels_unmatched"] += len(unmatched)
+
+    def _stored_sample(self, rec: Record, fds: dict[Path, int]) -> Sample | None:
+        """The Sample of a camera record read as a reference, its payload the image's
+        :class:`MessageRef`; None when that cannot be used (decode the record instead)."""
+        ref = rec.ref
+        fd = fds.get(ref.path)
+        try:
+            if fd is None:
+                fd = fds[ref.path] = os.open(ref.path, os.O_RDONLY)
+            img = stored_image(ref, fd)
+        except OSError:
+            return None
+        return None if img is None else SessionReader.sample_of(rec, img)
 
     def _flush(self, pending: deque[Frame], unmatched: deque[tuple[str, LabelSet]],
                by_key: dict[tuple[str, int], Frame], before_ns: int | None
@@ -349,47 +462,148 @@ class Progress:
 
 
 class FileWriter:
-    """Writes export files on helper threads (file creation and writes release the GIL,
-    so they overlap with reading and decoding). ``write`` blocks only while
-    ``max_pending`` files wait; ``close`` waits for all and raises the first error."""
+    """Writes export files on helper threads (file creation, writes and in-kernel copies
+    release the GIL, so they overlap with reading and decoding). ``write`` takes bytes, or
+    a :class:`MessageRef` whose bytes are copied from the segment file in the kernel
+    (``os.copy_file_range``; plain reads and writes where the kernel or file system
+    cannot). Called from one thread; it blocks only while ``max_pending`` files of bytes
+    (``max_copies`` copies, which hold no memory) wait. ``close`` waits for all and raises
+    the first error. ``files``, ``bytes`` and ``copied`` (files copied from a segment
+    file) count what was asked for."""
 
-    def __init__(self, threads: int = 2, max_pending: int = 64):
-        from concurrent.futures import ThreadPoolExecutor
+    #: copy_file_range errors that mean "not here" (old kernel, file system, seccomp)
+    _NO_COPY = {errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
 
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="export-write")
-        self._slots = threading.BoundedSemaphore(max_pending)
-        self._dirs: set[Path] = set()
-        self._dirs_lock = threading.Lock()
+    def __init__(self, threads: int = 2, max_pending: int = 64, max_copies: int = 1024):
+        import queue
+
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._mem_slots = threading.BoundedSemaphore(max_pending)
+        self._copy_slots = threading.BoundedSemaphore(max_copies)
+        self._dirs: set[str] = set()
         self._errors: list[BaseException] = []
+        self._sources: dict[Path, int] = {}
+        self._last: list[str] = []
+        self._links: list[tuple[str, str]] = []
+        self._kernel_copy = hasattr(os, "copy_file_range")
         self.files = 0
         self.bytes = 0
+        self.copied = 0
+        self._threads = [threading.Thread(target=self._run, name=f"export-write-{k}",
+                                          daemon=True) for k in range(threads)]
+        for t in self._threads:
+            t.start()
 
-    def write(self, path: Path, data: bytes) -> None:
-        parent = path.parent
-        if parent not in self._dirs:
-            parent.mkdir(parents=True, exist_ok=True)
-            with self._dirs_lock:
-                self._dirs.add(parent)
+    def write(self, path: str | Path, data: bytes | MessageRef) -> None:
+        """Queue one file (parent folders are made here)."""
+        path = self._folder_for(path)
         if self._errors:
             raise self._errors[0]
-        self._slots.acquire()
+        if isinstance(data, MessageRef):
+            src = self._sources.get(data.path)
+            if src is None:
+                src = self._sources[data.path] = os.open(data.path, os.O_RDONLY)
+            slots = self._copy_slots
+            self.copied += 1
+            self.bytes += data.length
+        else:
+            src, slots = -1, self._mem_slots
+            self.bytes += len(data)
+        slots.acquire()
         self.files += 1
-        self.bytes += len(data)
-        self._pool.submit(self._write, path, data)
+        self._queue.put((path, data, src, slots))
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _folder_for(self, path: str | Path) -> str:
+        """``path`` as a string, its parent folder made (once)."""
+        path = os.fspath(path)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        return path
+
+    def link(self, existing: str | Path, path: str | Path) -> None:
+        """Make ``path`` a hard link to ``existing``, a file queued here before (same bytes
+        without writing them again; a copy where the file system has no hard links).
+        Done by ``close`` once every file is written."""
+        self._links.append((os.fspath(existing), self._folder_for(path)))
+        self.files += 1
+
+    def write_last(self, path: str | Path, data: bytes) -> None:
+        """Queue a file that must appear only once every file is written (an index such as
+        ``annotations.json``): written to ``<path>.tmp``, renamed by a ``close`` that found
+        no error."""
+        path = os.fspath(path)
+        self.write(path + ".tmp", data)
+        self._last.append(path)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            path, data, src, slots = item
+            try:
+                if src < 0:
+                    with open(path, "wb") as f:
+                        f.write(data)
+                else:
+                    self._copy(path, src, data)
+            except BaseException as e:  # reported by the next write or close
+                self._errors.append(e)
+            finally:
+                slots.release()
+
+    def _copy(self, path: str, src: int, ref: MessageRef) -> None:
+        dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            with open(path, "wb") as f:
-                f.write(data)
-        except BaseException as e:  # reported by the next write or close
-            self._errors.append(e)
+            off, left = ref.offset, ref.length
+            while left and self._kernel_copy:
+                try:
+                    n = os.copy_file_range(src, dst, left, off)
+                except OSError as e:
+                    if e.errno not in self._NO_COPY or left != ref.length:
+                        raise
+                    self._kernel_copy = False
+                    break
+                if n == 0:
+                    raise BundleError(f"{ref.path.name} ends before offset {off} "
+                                      "(truncated while exporting?)")
+                off += n
+                left -= n
+            if left:
+                view = memoryview(MessageRef(ref.path, off, left).read(src))
+                while view:
+                    view = view[os.write(dst, view):]
         finally:
-            self._slots.release()
+            os.close(dst)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
         if self._errors:
             raise self._errors[0]
+        for existing, path in self._links:
+            try:
+                os.link(existing, path)
+            except FileExistsError:
+                os.unlink(path)
+                os.link(existing, path)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                import shutil
+
+                shutil.copyfile(existing, path)
+        self._links.clear()
+        for path in self._last:
+            os.replace(path + ".tmp", path)
+        self._last.clear()
 
     def __enter__(self) -> "FileWriter":
         return self
@@ -398,13 +612,19 @@ class FileWriter:
         self.close()
 
 
+def json_bytes(obj: Any) -> bytes:
+    """Deterministic JSON (sorted keys, compact, one trailing newline) as UTF-8."""
+    # compact: the C encoder (an indent would fall back to the pure-Python one, ~5× slower);
+    # the exporters' documents hold no cycles, so the encoder need not look for them
+    return (json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_default,
+                       check_circular=False) + "\n").encode()
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Deterministic JSON (sorted keys, compact) written via a temp file."""
+    """:func:`json_bytes` of ``obj`` written via a temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    # compact: the C encoder (an indent would fall back to the pure-Python one, ~5× slower)
-    tmp.write_text(json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_default)
-                   + "\n")
+    tmp.write_bytes(json_bytes(obj))
     tmp.replace(path)
 
 
@@ -418,13 +638,26 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def image_bytes(frame: Frame) -> tuple[bytes, str] | None:
-    """``(bytes, file extension)`` of a camera frame: compressed images as recorded, raw
-    images encoded as PNG (lossless). None when the payload is not an image."""
+def image_data(frame: Frame) -> tuple[bytes | MessageRef, str, tuple[int, int] | None] | None:
+    """``(data, file extension, (width, height))`` of a camera frame, ``data`` for
+    :meth:`FileWriter.write`: compressed images as recorded (bytes, or a
+    :class:`MessageRef` to them in the segment file), raw images encoded as PNG
+    (lossless). The size is None when the bytes do not say it (see :func:`image_size`);
+    the whole is None when the payload is not an image."""
     p = frame.sample.payload
     enc = frame.info.encoding
-    if enc in IMAGE_EXT and isinstance(p, (bytes, bytearray, memoryview)):
-        return bytes(p), IMAGE_EXT[enc]
+    if enc in IMAGE_EXT:
+        if isinstance(p, MessageRef):
+            size = image_size(p.head, enc)
+            if size is not None or len(p.head) >= p.length:
+                return p, IMAGE_EXT[enc], size
+            try:
+                p = p.read()  # the header lies past the head: ask the whole image
+            except (OSError, BundleError):
+                return None
+        if isinstance(p, (bytes, bytearray, memoryview)):
+            data = bytes(p)
+            return data, IMAGE_EXT[enc], image_size(data, enc)
     import numpy as np
 
     if enc in ("bgr8", "rgb8", "mono8") and isinstance(p, np.ndarray):
@@ -432,5 +665,7 @@ def image_bytes(frame: Frame) -> tuple[bytes, str] | None:
 
         img = cv2.cvtColor(p, cv2.COLOR_RGB2BGR) if enc == "rgb8" else p
         ok, buf = cv2.imencode(".png", img)
-        return (buf.tobytes(), ".png") if ok else None
+        if ok:
+            png = buf.tobytes()
+            return png, ".png", image_size(png, "png")
     return None

@@ -10,6 +10,9 @@ Layout::
     OUT/pointcloud/pointcloud/<lidar_slug>_<t_ns>.pcd     PCD v0.7, fields x y z intensity
     OUT/pointcloud/related_images/<lidar_slug>_<t_ns>_pcd/<camera_slug>.jpg
                                                           the camera frame nearest the scan
+                                                          (a hard link to its file in
+                                                          images/: written once; a copy
+                                                          where links are not possible)
     OUT/pointcloud/annotations/default.json               "Datumaro 3D" JSON: cuboid_3d per
                                                           3D pre-label (position, rotation,
                                                           scale; score attribute)
@@ -23,6 +26,7 @@ the "Datumaro 3D 1.0" format; zip ``images/`` for the image task and import
 from __future__ import annotations
 
 import math
+import os
 import xml.etree.ElementTree as ET
 from collections import deque
 from pathlib import Path
@@ -32,8 +36,8 @@ import numpy as np
 
 from agent.types import StreamKind
 
-from .common import (NS, ExportOptions, FileWriter, Frame, Progress, SessionView, image_bytes,
-                     image_size, slug, write_json)
+from .common import (NS, ExportOptions, FileWriter, Frame, Progress, SessionView, image_data,
+                     json_bytes, slug)
 
 PCD_FIELDS = ("x", "y", "z", "intensity")
 
@@ -62,9 +66,19 @@ def _pcd_header(n: int, ascii: bool) -> bytes:
             f"DATA {'ascii' if ascii else 'binary'}\n").encode("ascii")
 
 
-def pcd_bytes(pts: np.ndarray) -> bytes:
+def pcd_bytes(pts: np.ndarray) -> bytes | bytearray:
     """A binary PCD v0.7 (``x y z intensity`` float32) of a point array (see
     :func:`write_pcd`)."""
+    from agent.schemas import POINT_DTYPE
+
+    if pts.dtype == POINT_DTYPE:  # gathered straight into the file's buffer: one copy
+        head = _pcd_header(len(pts), False)
+        buf = bytearray(len(head) + 16 * len(pts))
+        buf[:len(head)] = head
+        body = np.frombuffer(buf, "<f4", offset=len(head)).reshape(-1, 4)
+        body[:] = pts.view(np.float32).reshape(-1, 6)[:, :4]
+        if np.isfinite(body).all():
+            return buf
     xyzi = _xyzi(pts)
     return _pcd_header(len(xyzi), False) + np.ascontiguousarray(xyzi, "<f4").tobytes()
 
@@ -102,13 +116,14 @@ def export_cvat(uri: str, opts: ExportOptions, pcd_ascii: bool = False) -> dict[
     """Write the CVAT export of a session into ``opts.out_dir``; returns a summary."""
     view = SessionView(uri, opts, (StreamKind.CAMERA, StreamKind.LIDAR))
     out = Path(opts.out_dir)
+    out_s = str(out)
     images: list[dict[str, Any]] = []
     classes_2d: set[str] = set()
     classes_3d: set[str] = set()
     items3d: list[dict[str, Any]] = []
-    # recent camera frames per stream (for related images) and scans waiting for a later
-    # camera frame that may be nearer in time
-    recent: dict[str, deque[tuple[int, bytes, str, tuple[int, int]]]] = {}
+    # recent camera frames per stream (time, exported file, extension, size; for related
+    # images) and scans waiting for a later camera frame that may be nearer in time
+    recent: dict[str, deque[tuple[int, str, str, tuple[int, int]]]] = {}
     waiting: deque[tuple[Frame, dict[str, Any]]] = deque()
     cam_period: dict[str, int] = {n: int(NS / i.rate_hz) if i.rate_hz else 100_000_000
                                   for n, i in view.infos.items() if i.kind == StreamKind.CAMERA
@@ -120,16 +135,16 @@ def export_cvat(uri: str, opts: ExportOptions, pcd_ascii: bool = False) -> dict[
             if not isinstance(ev, Frame):
                 continue
             if ev.info.kind == StreamKind.CAMERA:
-                got = image_bytes(ev)
+                got = image_data(ev)
                 if got is None:
                     view.counts["decode_errors"] += 1
                     continue
-                data, ext = got
-                size = image_size(data, ev.info.encoding) or (0, 0)
+                data, ext, size = got
+                size = size or (0, 0)
                 rel = f"images/{slug(ev.stream)}/{ev.t_ns}{ext}"
-                files.write(out / rel, data)
+                files.write(os.path.join(out_s, rel), data)
                 images.append(_image_entry(len(images), rel, size, ev, classes_2d))
-                recent.setdefault(ev.stream, deque(maxlen=8)).append((ev.t_ns, data, ext, size))
+                recent.setdefault(ev.stream, deque(maxlen=8)).append((ev.t_ns, rel, ext, size))
                 _settle(waiting, recent, cam_period, out, ev.t_ns, files)
             elif ev.info.kind == StreamKind.LIDAR and isinstance(ev.sample.payload, np.ndarray):
                 item = _scan(ev, out, pcd_ascii, classes_3d, files)
@@ -137,42 +152,46 @@ def export_cvat(uri: str, opts: ExportOptions, pcd_ascii: bool = False) -> dict[
                 waiting.append((ev, item))
                 _settle(waiting, recent, cam_period, out, ev.t_ns, files)
         _settle(waiting, recent, cam_period, out, None, files)
+        bar.close()
+        # encoded while the last files are written; renamed once all are
+        files.write_last(out / "annotations.xml", _xml_text(
+            images, sorted(classes_2d), view.metadata()["session_id"]).encode())
+        labels3d = sorted(classes_3d)
+        lid = {n: i for i, n in enumerate(labels3d)}
+        for it in items3d:
+            for a in it["annotations"]:
+                a["label_id"] = lid[a.pop("cls")]
+        if items3d:
+            files.write_last(out / "pointcloud" / "annotations" / "default.json", json_bytes({
+                "info": {"edgecap": view.metadata()},
+                "categories": {"label": {"labels": [{"name": n, "parent": "", "attributes":
+                                                      ["score", "model"]} for n in labels3d],
+                                         "attributes": ["occluded"]},
+                               "points": {"items": []}},
+                "items": items3d}))
     finally:
         bar.close()
         files.close()
-    labels2d = sorted(classes_2d)
-    _write_xml(out / "annotations.xml", images, labels2d, view.metadata()["session_id"])
-    labels3d = sorted(classes_3d)
-    lid = {n: i for i, n in enumerate(labels3d)}
-    for it in items3d:
-        for a in it["annotations"]:
-            a["label_id"] = lid[a.pop("cls")]
-    if items3d:
-        write_json(out / "pointcloud" / "annotations" / "default.json", {
-            "info": {"edgecap": view.metadata()},
-            "categories": {"label": {"labels": [{"name": n, "parent": "", "attributes":
-                                                  ["score", "model"]} for n in labels3d],
-                                     "attributes": ["occluded"]},
-                           "points": {"items": []}},
-            "items": items3d})
     return {"format": "cvat", "out": str(out), "images": len(images),
             "boxes": sum(len(i["boxes"]) for i in images), "pointclouds": len(items3d),
             "cuboids": sum(len(i["annotations"]) for i in items3d),
             "related_images": sum(len(i.get("related_images", [])) for i in items3d),
-            **view.counts}
+            "images_copied": files.copied, **view.counts}
 
 
 def _image_entry(idx: int, rel: str, size: tuple[int, int], fr: Frame,
                  classes: set[str]) -> dict[str, Any]:
     boxes = []
     for ls in fr.labels:
+        model = ls.model_version
         for d in ls.detections:
-            if not d.get("box"):
+            box = d.get("box")
+            if not box:
                 continue
             classes.add(d["cls"])
-            x0, y0, x1, y1 = (float(v) for v in d["box"])
+            x0, y0, x1, y1 = map(float, box)
             boxes.append({"label": d["cls"], "xtl": x0, "ytl": y0, "xbr": x1, "ybr": y1,
-                          "score": float(d["score"]), "model": ls.model_version})
+                          "score": float(d["score"]), "model": model})
     return {"id": idx, "name": rel, "width": size[0], "height": size[1], "boxes": boxes}
 
 
@@ -204,7 +223,7 @@ def _scan(fr: Frame, out: Path, ascii: bool, classes: set[str],
 
 
 def _settle(waiting: deque[tuple[Frame, dict[str, Any]]],
-            recent: dict[str, deque[tuple[int, bytes, str, tuple[int, int]]]],
+            recent: dict[str, deque[tuple[int, str, str, tuple[int, int]]]],
             period: dict[str, int], out: Path, now_ns: int | None, files: FileWriter) -> None:
     """Give each waiting scan the nearest frame of every camera once no nearer frame can
     come (time moved half a camera period past the scan, or the end)."""
@@ -216,16 +235,16 @@ def _settle(waiting: deque[tuple[Frame, dict[str, Any]]],
             best = min(frames, key=lambda f: abs(f[0] - fr.t_ns), default=None)
             if best is None or abs(best[0] - fr.t_ns) > period.get(cam, horizon):
                 continue
-            t, data, ext, size = best
+            t, image_rel, ext, size = best
             rel = f"related_images/{item['id']}_pcd/{slug(cam)}{ext}"
-            files.write(out / "pointcloud" / rel, data)
+            files.link(out / image_rel, out / "pointcloud" / rel)
             related.append({"path": rel, "size": [size[1], size[0]], "stream": cam, "t_ns": t})
         if related:
             item["related_images"] = related
 
 
-def _write_xml(path: Path, images: list[dict[str, Any]], labels: list[str], name: str) -> None:
-    """CVAT for images 1.1 XML (written as text: ElementTree costs ~5× more)."""
+def _xml_text(images: list[dict[str, Any]], labels: list[str], name: str) -> str:
+    """CVAT for images 1.1 XML (built as text: ElementTree costs ~5× more)."""
     from xml.sax.saxutils import escape, quoteattr as q
 
     out = ["<?xml version='1.0' encoding='utf-8'?>", "<annotations>",
@@ -246,6 +265,9 @@ def _write_xml(path: Path, images: list[dict[str, Any]], labels: list[str], name
                 "              <default_value />", "              <values />",
                 "            </attribute>", "          </attributes>", "        </label>"]
     out += ["      </labels>", "    </task>", "  </meta>"]
+    # labels and models are a handful of strings: each is escaped once
+    quoted: dict[str, str] = {}
+    escaped: dict[str, str] = {}
     for img in images:
         head = (f"  <image id=\"{img['id']}\" name={q(img['name'])} width=\"{img['width']}\" "
                 f"height=\"{img['height']}\"")
@@ -254,16 +276,20 @@ def _write_xml(path: Path, images: list[dict[str, Any]], labels: list[str], name
             continue
         out.append(head + ">")
         for b in img["boxes"]:
-            out.append(f"    <box label={q(b['label'])} source=\"auto\" occluded=\"0\" "
+            lab = quoted.get(b["label"])
+            if lab is None:
+                lab = quoted[b["label"]] = q(b["label"])
+            model = escaped.get(b["model"])
+            if model is None:
+                model = escaped[b["model"]] = escape(b["model"])
+            out.append(f"    <box label={lab} source=\"auto\" occluded=\"0\" "
                        f"xtl=\"{b['xtl']:.2f}\" ytl=\"{b['ytl']:.2f}\" xbr=\"{b['xbr']:.2f}\" "
-                       f"ybr=\"{b['ybr']:.2f}\" z_order=\"0\">")
-            out.append(f"      <attribute name=\"score\">{b['score']:.4f}</attribute>")
-            out.append(f"      <attribute name=\"model\">{escape(b['model'])}</attribute>")
-            out.append("    </box>")
+                       f"ybr=\"{b['ybr']:.2f}\" z_order=\"0\">\n"
+                       f"      <attribute name=\"score\">{b['score']:.4f}</attribute>\n"
+                       f"      <attribute name=\"model\">{model}</attribute>\n    </box>")
         out.append("  </image>")
     out.append("</annotations>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return "\n".join(out) + "\n"
 
 
 def parse_cvat_xml(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ speech segments that overlap the clip (clipped to it). Validated against
 
 from __future__ import annotations
 
+import os
 import wave
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 from agent.types import StreamKind
 
 from .common import (NS, AudioLabel, ExportOptions, FileWriter, Frame, LabelSet, Progress,
-                     SessionView, image_bytes, image_size, slug, write_json)
+                     SessionView, image_data, json_bytes, slug)
 
 _RESULT = {
     "type": "object",
@@ -108,6 +109,7 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
     summary."""
     view = SessionView(uri, opts, (StreamKind.CAMERA, StreamKind.AUDIO))
     out = Path(opts.out_dir)
+    out_s = str(out)
     tasks: list[dict[str, Any]] = []
     img_classes: set[str] = set()
     audio_classes: set[str] = set()
@@ -123,7 +125,7 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
                 audio_labels.append(ev)
                 continue
             if ev.info.kind == StreamKind.CAMERA:
-                t = _image_task(ev, out, url_prefix, img_classes, files)
+                t = _image_task(ev, out_s, url_prefix, img_classes, files)
                 if t is None:
                     view.counts["decode_errors"] += 1
                 else:
@@ -140,49 +142,54 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
         for c in clips.values():
             c.write(out)
             done.append(c)
+        bar.close()
+        # speech segments are labelled when they end: tasks are built once all are known
+        for c in sorted(done, key=lambda c: (c.start_ns, c.stream)):
+            tasks.append(c.task(url_prefix, audio_labels, audio_classes))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "label_config_image.xml").write_text(IMAGE_CONFIG.format(labels="".join(
+            f'    <Label value="{c}"/>\n' for c in sorted(img_classes))))
+        (out / "label_config_audio.xml").write_text(AUDIO_CONFIG.format(labels="".join(
+            f'    <Label value="{c}"/>\n' for c in sorted(audio_classes or {"speech"}))))
+        # encoded while the last images are copied; renamed once all are written
+        files.write_last(out / "tasks.json", json_bytes(tasks))
     finally:
         bar.close()
         files.close()
-    # speech segments are labelled when they end: tasks are built once all are known
-    for c in sorted(done, key=lambda c: (c.start_ns, c.stream)):
-        tasks.append(c.task(url_prefix, audio_labels, audio_classes))
-    write_json(out / "tasks.json", tasks)
-    (out / "label_config_image.xml").write_text(IMAGE_CONFIG.format(labels="".join(
-        f'    <Label value="{c}"/>\n' for c in sorted(img_classes))))
-    (out / "label_config_audio.xml").write_text(AUDIO_CONFIG.format(labels="".join(
-        f'    <Label value="{c}"/>\n' for c in sorted(audio_classes or {"speech"}))))
     n_img = sum(1 for t in tasks if "image" in t["data"])
     return {"format": "labelstudio", "out": str(out), "tasks": len(tasks),
             "image_tasks": n_img, "audio_tasks": len(tasks) - n_img,
-            "predictions": sum(len(t.get("predictions", [])) for t in tasks), **view.counts}
+            "predictions": sum(len(t.get("predictions", [])) for t in tasks),
+            "images_copied": files.copied, **view.counts}
 
 
-def _image_task(fr: Frame, out: Path, url_prefix: str, classes: set[str],
+def _image_task(fr: Frame, out: str, url_prefix: str, classes: set[str],
                 files: FileWriter) -> dict[str, Any] | None:
-    got = image_bytes(fr)
+    got = image_data(fr)
     if got is None:
         return None
-    data, ext = got
-    size = image_size(data, fr.info.encoding)
+    data, ext, size = got
     if size is None or not size[0] or not size[1]:
         return None
     w, h = size
     rel = f"images/{slug(fr.stream)}/{fr.t_ns}{ext}"
-    files.write(out / rel, data)
+    files.write(os.path.join(out, rel), data)
     preds = []
     for ls in fr.labels:
         results = []
+        prefix = f"{slug(ls.stream)}-{fr.t_ns}-"
         for i, d in enumerate(ls.detections):
             box = d.get("box")
             if not box:
                 continue
-            x0, y0, x1, y1 = (min(max(float(v), 0.0), lim) for v, lim in
-                              zip(box, (w, h, w, h)))
+            x0, y0, x1, y1 = map(float, box)
+            x0, x1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
+            y0, y1 = min(max(y0, 0.0), h), min(max(y1, 0.0), h)
             if x1 <= x0 or y1 <= y0:
                 continue
             classes.add(d["cls"])
             results.append({
-                "id": f"{slug(ls.stream)}-{fr.t_ns}-{i}", "type": "rectanglelabels",
+                "id": f"{prefix}{i}", "type": "rectanglelabels",
                 "from_name": "label", "to_name": "image",
                 "original_width": w, "original_height": h, "image_rotation": 0,
                 "score": round(float(d["score"]), 4),
@@ -198,7 +205,7 @@ def _image_task(fr: Frame, out: Path, url_prefix: str, classes: set[str],
 def _prediction(ls: LabelSet, results: list[dict[str, Any]]) -> dict[str, Any]:
     scores = [r["score"] for r in results]
     return {"model_version": ls.model_version,
-            "score": round(float(np.mean(scores)), 4) if scores else 0.0,
+            "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
             "result": results}
 
 
