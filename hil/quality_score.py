@@ -16,9 +16,11 @@ counted *unexplained*:
 
 - ``fault``: its stream's device had a fault overlapping the segment (recovery included:
   up to :data:`RECOVERY_S` after the fault ends);
-- ``emulator``: a ``completeness`` flag on a stream whose emulator itself withheld samples
-  in the segment (it overran on a saturated machine: a real gap in the data, but the
-  emulator's, not a device fault);
+- ``emulator``: a ``completeness`` flag (audio: also ``noise``) on a stream whose emulator
+  itself fell short in the segment (it overran on a saturated machine, or wrote audio too
+  late for the sound server, which played zeros: a real defect of the data, but the
+  emulator's, not a device fault; audio shortfalls are marked once a second, so up to 1 s
+  before the segment counts);
 - ``warm-up``: an ``alignment`` flag whose stream is still ``acquiring`` in a segment that
   begins within :data:`WARMUP_S` of the first sample (the clock estimators lock on the
   first seconds of data; see docs/clock.md);
@@ -133,8 +135,8 @@ def _explain(check: str, stream: str, span: tuple[float, float], q: dict[str, An
     if dev is not None and any(_overlaps(span, (f.t_s, f.t_s + f.duration_s + RECOVERY_S))
                                for f in faults.get(dev, ())):
         return "fault"
-    if dev is not None and check == "completeness" and \
-            any(span[0] <= t <= span[1] for t in shortfalls.get(dev, ())):
+    if dev is not None and (check == "completeness" or (check == "noise" and dev == "audio")) \
+            and any(span[0] - 1.0 <= t <= span[1] for t in shortfalls.get(dev, ())):
         return "emulator"
     if check == "alignment" and span[0] - first_s < WARMUP_S:
         st = _detail(q, check, stream) or {}

@@ -707,10 +707,24 @@ def score_run(run_dir: str | Path, assertions: dict[str, float] | None = None
 
 
 def _shortfalls(run_dir: Path, device: str, run_t0_ns: int) -> list[float]:
-    """Scenario seconds of the samples ``device``'s emulator withheld on its own account
-    (it overran), not for a scenario fault."""
-    return [(r["true_ns"] - run_t0_ns) / NS for r in _truth(run_dir, device)
-            if r.get("type") == "sample" and r.get("reason") == "overrun" and "true_ns" in r]
+    """Scenario seconds at which ``device``'s emulator fell short on its own account, not
+    for a scenario fault: a frame, scan or fix it overran (camera/LiDAR ``sample`` with
+    reason ``overrun``, GPS ``fault`` of kind ``overrun``), audio it wrote too late to be
+    played (an ``anchor`` with ``played: false``, once a second: the sound server played
+    zeros instead)."""
+    out = []
+    for r in _truth(run_dir, device):
+        kind = r.get("type")
+        if (kind == "sample" and r.get("reason") == "overrun") or \
+                (kind == "fault" and r.get("kind") == "overrun"):
+            t = r.get("true_ns")
+        elif kind == "anchor" and r.get("played") is False:
+            t = r.get("content_true_ns")
+        else:
+            continue
+        if t is not None:
+            out.append((t - run_t0_ns) / NS)
+    return out
 
 
 def _first_sample_s(b: Bundle, res: RunResult) -> float | None:

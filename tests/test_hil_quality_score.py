@@ -55,3 +55,12 @@ def test_noise_before_the_world_starts_is_explained() -> None:
                       STREAMS, T0)
     assert q["flags"]["explained"] == {"start": 1}
     assert [u["segment"] for u in q["flags"]["unexplained"]] == [1]
+
+
+def test_audio_the_sound_server_did_not_play_explains_its_silence() -> None:
+    segs = [seg(0, []), seg(1, []), seg(2, ["noise:/mic", "noise:/cam"]), seg(3, [])]
+    q = score_quality(segs, {"camera": [], "audio": []}, STREAMS, T0,
+                      shortfalls={"audio": [12.0], "camera": [12.0]})
+    assert q["flags"]["explained"] == {"emulator": 1}
+    # an emulator's overrun explains missing camera frames, never a camera image defect
+    assert [u["flag"] for u in q["flags"]["unexplained"]] == ["noise:/cam"]
