@@ -19,8 +19,9 @@ counted *unexplained*:
 - ``emulator``: a ``completeness`` flag (audio: also ``noise``) on a stream whose emulator
   itself fell short in the segment (it overran on a saturated machine, or wrote audio too
   late for the sound server, which played zeros: a real defect of the data, but the
-  emulator's, not a device fault; audio shortfalls are marked once a second, so up to 1 s
-  before the segment counts);
+  emulator's, not a device fault). Shortfalls up to 1 s either side of the segment count:
+  a gap is counted when the frame after it arrives, which may close the segment, and old
+  audio truth marks unplayed audio only once a second;
 - ``warm-up``: an ``alignment`` flag whose stream is still ``acquiring`` in a segment that
   begins within :data:`WARMUP_S` of the first sample (the clock estimators lock on the
   first seconds of data; see docs/clock.md);
@@ -136,7 +137,7 @@ def _explain(check: str, stream: str, span: tuple[float, float], q: dict[str, An
                                for f in faults.get(dev, ())):
         return "fault"
     if dev is not None and (check == "completeness" or (check == "noise" and dev == "audio")) \
-            and any(span[0] - 1.0 <= t <= span[1] for t in shortfalls.get(dev, ())):
+            and any(span[0] - 1.0 <= t <= span[1] + 1.0 for t in shortfalls.get(dev, ())):
         return "emulator"
     if check == "alignment" and span[0] - first_s < WARMUP_S:
         st = _detail(q, check, stream) or {}

@@ -710,15 +710,15 @@ def _shortfalls(run_dir: Path, device: str, run_t0_ns: int) -> list[float]:
     """Scenario seconds at which ``device``'s emulator fell short on its own account, not
     for a scenario fault: a frame, scan or fix it overran (camera/LiDAR ``sample`` with
     reason ``overrun``, GPS ``fault`` of kind ``overrun``), audio it wrote too late to be
-    played (an ``anchor`` with ``played: false``, once a second: the sound server played
-    zeros instead)."""
+    played (``unplayed`` chunks; older runs: ``anchor`` with ``played: false``, once a
+    second): the sound server played zeros instead."""
     out = []
     for r in _truth(run_dir, device):
         kind = r.get("type")
         if (kind == "sample" and r.get("reason") == "overrun") or \
                 (kind == "fault" and r.get("kind") == "overrun"):
             t = r.get("true_ns")
-        elif kind == "anchor" and r.get("played") is False:
+        elif kind == "unplayed" or (kind == "anchor" and r.get("played") is False):
             t = r.get("content_true_ns")
         else:
             continue

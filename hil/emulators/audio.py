@@ -49,7 +49,9 @@ first_index, lead_ms, model}``; ``{"type": "anchor", "index", "content_true_ns",
 ``speech``/``clapper``); ``{"type": "fault", "kind", "phase": "begin"|"end", "true_ns",
 "index"}`` (a disconnect adds ``"phase": "unplugged"`` with ``mono_ns`` and
 ``streams_killed``, and ``"phase": "plugged"`` with ``mono_ns``);
-``{"type": "player_restart", "index", "cause"}`` when ``pacat`` had to be started again
+``{"type": "unplayed", "index", "samples", "content_true_ns"}`` per chunk written too late
+to be played (the sound server played zeros instead); ``{"type": "player_restart",
+"index", "cause"}`` when ``pacat`` had to be started again
 (e.g. after a sound-server restart; play-out restarts on time). With ``save_wav`` (default) what was played is also written to
 ``run_dir/audio/emitted.wav`` (WAV sample 0 = emitted index ``first_index``; zeros for
 chunks that were not played, counted ``unplayed_samples``).
@@ -318,6 +320,8 @@ class AudioEmulator(Emulator):
             else:
                 resync = True
                 self.count("unplayed_samples", n)
+                self.truth.write({"type": "unplayed", "index": i0, "samples": n,
+                                  "content_true_ns": self.true_ns(t_s)})
             if i0 >= next_anchor:
                 self.truth.write({"type": "anchor", "index": i0,
                                   "content_true_ns": self.true_ns(t_s),

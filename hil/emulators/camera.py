@@ -36,11 +36,11 @@ time and counter, so its image bytes repeat; truth boxes are the frozen image's)
 Options (``[devices.camera.options]``): ``width`` (640), ``height`` (480), ``quality``
 (80), ``calibration`` (dict; default :func:`hil.render.default_calibration`),
 ``flash_frames`` (1: frames the clapper flash covers), ``client_queue`` (4 frames per
-client before the oldest is dropped for that client), ``gain_jitter`` (0.01: each frame's
-gain is off by up to ±1 %, as auto-exposure and mains flicker make it on a real camera; it
-also keeps two frames of a still scene from being byte-identical, which a noise-free
-renderer would otherwise make them and which the quality report rightly calls a frozen
-camera).
+client before the oldest is dropped for that client), ``sensor_noise`` (1.5: temporal
+noise of that many DN, σ, over a black level of 3 DN, cycling through 8 precomputed
+patterns, so two frames of a still scene are never byte-identical, as on a real sensor;
+a noise-free renderer would make them so, and the quality report rightly calls that a
+frozen camera; 0 turns it off).
 
 Truth (``truth/camera.jsonl``): per frame ``{"type": "sample", "seq", "true_ns",
 "device_ns", "sent", "clients", "reason"?, "boxes"?, "clapper"?, "defects"?}`` —
@@ -93,7 +93,7 @@ class CameraEmulatorOptions(BaseModel):
     calibration: dict[str, Any] | None = None
     flash_frames: int = Field(default=1, ge=1, le=30)
     client_queue: int = Field(default=4, ge=1, le=300)
-    gain_jitter: float = Field(default=0.01, ge=0, le=0.2)
+    sensor_noise: float = Field(default=1.5, ge=0, le=20)
 
 
 def insert_jpeg_comment(jpeg: bytes, text: bytes) -> bytes:
@@ -185,6 +185,9 @@ class CameraEmulator(Emulator):
         self._srv: socket.socket | None = None
         self._disconnected = False
         self._last_image: tuple[bytes, list[Any]] | None = None  # for ``freeze``
+        self._noise = [np.clip(self.rng.normal(3.0, o.sensor_noise, (o.height, o.width, 3)),
+                               0, 255).astype(np.uint8) for _ in range(8)] \
+            if o.sensor_noise > 0 else []
         self._logged_faults: set[int] = set()
         #: CPU seconds spent in the capture thread (render + encode), for the benchmark
         self.capture_cpu_s = 0.0
@@ -397,14 +400,15 @@ class CameraEmulator(Emulator):
         if "underexpose" in faults:  # the scene's light times (1 - rate)
             light *= 1 - faults["underexpose"].rate
             defects["underexpose"] = 1.0
-        gain = light * (1 + self.rng.uniform(-self.opts.gain_jitter, self.opts.gain_jitter))
         if "freeze" in faults and self._last_image is not None:
             image, boxes = self._last_image  # the same bytes again
             defects["freeze"] = 1.0
         else:
-            img, boxes = render(self.world, t_s, self.camera, gain, flash=clap is not None,
+            img, boxes = render(self.world, t_s, self.camera, light, flash=clap is not None,
                                 blur_px=defects.get("blur_px", 0),
                                 overexpose=defects.get("overexpose", 0.0))
+            if self._noise:
+                img = cv2.add(img, self._noise[seq % len(self._noise)])
             ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, self.opts.quality])
             image = enc.tobytes()
             self._last_image = (image, boxes)
