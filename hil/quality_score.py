@@ -16,10 +16,10 @@ counted *unexplained*:
 
 - ``fault``: its stream's device had a fault overlapping the segment (recovery included:
   up to :data:`RECOVERY_S` after the fault ends);
-- ``emulator``: a ``completeness`` flag (audio: also ``noise``) on a stream whose emulator
-  itself fell short in the segment (it overran on a saturated machine, or wrote audio too
-  late for the sound server, which played zeros: a real defect of the data, but the
-  emulator's, not a device fault). Shortfalls up to 1 s either side of the segment count:
+- ``emulator``: a ``completeness`` or ``alignment`` flag (audio: also ``noise``) on a
+  stream whose emulator itself fell short in the segment (it overran or sent frames late on
+  a saturated machine, or wrote audio too late for the sound server, which played zeros:
+  a real defect of the data, but the emulator's, not a device fault). Shortfalls up to 1 s either side of the segment count:
   a gap is counted when the frame after it arrives, which may close the segment, and old
   audio truth marks unplayed audio only once a second;
 - ``warm-up``: an ``alignment`` flag whose stream is still ``acquiring`` in a segment that
@@ -136,7 +136,8 @@ def _explain(check: str, stream: str, span: tuple[float, float], q: dict[str, An
     if dev is not None and any(_overlaps(span, (f.t_s, f.t_s + f.duration_s + RECOVERY_S))
                                for f in faults.get(dev, ())):
         return "fault"
-    if dev is not None and (check == "completeness" or (check == "noise" and dev == "audio")) \
+    if dev is not None and (check in ("completeness", "alignment")
+                            or (check == "noise" and dev == "audio")) \
             and any(span[0] - 1.0 <= t <= span[1] + 1.0 for t in shortfalls.get(dev, ())):
         return "emulator"
     if check == "alignment" and span[0] - first_s < WARMUP_S:

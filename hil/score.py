@@ -56,6 +56,7 @@ from .world import DeviceClock
 
 NS = 1_000_000_000
 STAMPS_TOPIC = "/edgecap/stamps"
+LATE_SEND_NS = 5_000_000
 
 
 # -- reading the bundle ------------------------------------------------------------------
@@ -711,7 +712,9 @@ def _shortfalls(run_dir: Path, device: str, run_t0_ns: int) -> list[float]:
     for a scenario fault: a frame, scan or fix it overran (camera/LiDAR ``sample`` with
     reason ``overrun``, GPS ``fault`` of kind ``overrun``), audio it wrote too late to be
     played (``unplayed`` chunks; older runs: ``anchor`` with ``played: false``, once a
-    second): the sound server played zeros instead."""
+    second): the sound server played zeros instead; a camera frame it sent more than
+    ``LATE_SEND_NS`` after its schedule (a busy machine: arrival delay that no device
+    had, which can look like a clock jump to the estimator)."""
     out = []
     for r in _truth(run_dir, device):
         kind = r.get("type")
@@ -720,6 +723,8 @@ def _shortfalls(run_dir: Path, device: str, run_t0_ns: int) -> list[float]:
             t = r.get("true_ns")
         elif kind == "unplayed" or (kind == "anchor" and r.get("played") is False):
             t = r.get("content_true_ns")
+        elif kind == "send" and r.get("sent_ns", 0) - r.get("sched_ns", 0) > LATE_SEND_NS:
+            t = r.get("sched_ns")  # the camera emulator itself sent the frame late
         else:
             continue
         if t is not None:
