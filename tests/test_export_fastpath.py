@@ -1,6 +1,7 @@
 """The exporters' fast path: recorded images copied from the segment files in the kernel
-(no decode), byte for byte what was recorded, with the decode path taking over for
-compressed chunks, odd message layouts and file systems without ``copy_file_range``."""
+(no decode), byte for byte what was recorded, and point clouds read over the mapped
+segment file, with the decode path taking over for compressed chunks, odd message layouts
+and file systems without ``copy_file_range``."""
 
 from __future__ import annotations
 
@@ -90,6 +91,62 @@ def test_cvat_related_images_are_the_exported_files(plain, tmp_path) -> None:
         img = tmp_path / "images" / r["stream"].strip("/").replace("/", "_") / \
             f"{r['t_ns']}.jpg"
         assert os.path.samefile(img, tmp_path / "pointcloud" / r["path"])  # written once
+
+
+@pytest.mark.parametrize("which", ["plain", "zstd"])
+def test_view_payloads_are_the_decoded_ones(which, request, tmp_path) -> None:
+    """Stored images and mapped point clouds stand for exactly what decoding gives."""
+    import mmap
+
+    import numpy as np
+
+    from agent.export.common import SessionView
+    from agent.replay import SessionReader
+
+    session = request.getfixturevalue(which)
+    view = SessionView(str(session.session_dir), ExportOptions(out_dir=tmp_path,
+                                                               progress=False))
+    reader = SessionReader(view.session)
+    decoded = {(r.stream, r.t_ns): reader.sample(r).payload
+               for r in reader.records(streams={"/lidar", "/camera/front"})}
+    seen = {"/lidar": 0, "/camera/front": 0}
+    for ev in view.events():
+        if isinstance(ev, Frame) and ev.stream in seen:
+            seen[ev.stream] += 1
+            want, got = decoded[(ev.stream, ev.t_ns)], ev.sample.payload
+            if ev.stream == "/lidar":
+                assert got.dtype == want.dtype and np.array_equal(got, want)
+                assert not got.flags.writeable
+                assert isinstance(getattr(got.base, "obj", None), mmap.mmap) == \
+                    (which == "plain")
+            else:
+                assert got == want if which == "zstd" else \
+                    MessageRef(got.path, got.offset, got.length).read() == want
+    assert seen == {n: len(session.samples[n]) for n in seen}
+
+
+def test_points_with_another_layout_are_decoded(tmp_path) -> None:
+    import mmap
+
+    import numpy as np
+    from foxglove_schemas_protobuf.PointCloud_pb2 import PointCloud
+
+    from agent.export.common import stored_points
+    from agent.schemas import POINT_DTYPE
+    from test_replay_fixture import points
+
+    pts = points(2, 10)
+    path = tmp_path / "pc.bin"
+    for stride, data, ok in ((24, pts.tobytes(), True), (16, pts.tobytes(), False),
+                             (24, pts.tobytes()[:-4], False)):
+        b = PointCloud(frame_id="lidar", point_stride=stride, data=data).SerializeToString()
+        path.write_bytes(b"pad" + b)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            got = stored_points(MessageRef(path, 3, len(b), b), f.fileno(), mapped)
+        assert (got is not None) == ok
+        if ok:
+            assert got.dtype == POINT_DTYPE and np.array_equal(got, pts)
 
 
 def test_kernel_copy_unavailable_falls_back_to_read_and_write(plain, tmp_path,

@@ -20,6 +20,8 @@ session with JPEG cameras): the frame's payload is then a :class:`MessageRef` to
 protobuf fields; any surprise falls back to decoding the message), and
 :meth:`FileWriter.write` copies those bytes file to file in the kernel
 (``os.copy_file_range``). The exported file is byte for byte the recorded image either way.
+LiDAR points in such chunks are the same read-only array the decoder gives, but over the
+mapped segment file instead of two copies of it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from agent.errors import BundleError
 from agent.replay import (NS, MessageRef, ReplaySourceOptions, Record, Session,
@@ -178,20 +182,18 @@ def _fields(b: bytes, end: int) -> Iterator[tuple[int, int, int, int, int]]:
         i = j
 
 
-def stored_image(ref: MessageRef, fd: int) -> MessageRef | None:
-    """Where the image bytes of the ``foxglove.CompressedImage`` message at ``ref`` lie:
-    a reference to its ``data`` field (field 2) in the same file, with the image's first
-    bytes as ``head``. ``fd`` reads the fields after the image, which must hold no second
-    ``data`` field (protobuf would take the last); the message without its image must
-    parse, so a message the decoder rejects is never exported this way. None when the
-    message is not laid out like that or its head is too short to tell (the caller
-    decodes it instead)."""
-    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
-
+def _stored_field(ref: MessageRef, fd: int, cls: type, number: int
+                  ) -> tuple[MessageRef, Any] | None:
+    """Where the bytes field ``number`` of the ``cls`` protobuf message at ``ref`` lies
+    in the same file (head: its first bytes), with the message parsed without that field.
+    ``fd`` reads the fields after it, which must hold no second such field (protobuf would
+    take the last); the rest of the message must parse, so a message the decoder rejects
+    never passes. None when the message is not laid out like that or its head is too short
+    to tell (the caller decodes it instead)."""
     b = ref.head
     try:
         for num, wt, start, a, z in _fields(b, ref.length):
-            if num == 2:
+            if num == number:
                 if wt != 2:
                     return None
                 break
@@ -202,12 +204,42 @@ def stored_image(ref: MessageRef, fd: int) -> MessageRef | None:
             tail = b[z:ref.length] if ref.length <= len(b) else \
                 os.pread(fd, ref.length - z, ref.offset + z)
             if len(tail) != ref.length - z or any(
-                    num == 2 for num, *_ in _fields(tail, len(tail))):
+                    num == number for num, *_ in _fields(tail, len(tail))):
                 return None
-        CompressedImage.FromString(b[:start] + tail)
+        rest = cls.FromString(b[:start] + tail)
     except Exception:  # IndexError, ValueError, protobuf's DecodeError
         return None
-    return MessageRef(ref.path, ref.offset + a, z - a, b[a:z])
+    return MessageRef(ref.path, ref.offset + a, z - a, b[a:z]), rest
+
+
+def stored_image(ref: MessageRef, fd: int) -> MessageRef | None:
+    """Where the image bytes (``data``) of the ``foxglove.CompressedImage`` message at
+    ``ref`` lie in the same file, the image's first bytes as ``head``; None when the
+    message must be decoded instead (see :func:`_stored_field`)."""
+    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
+
+    got = _stored_field(ref, fd, CompressedImage, 2)
+    return None if got is None else got[0]
+
+
+def stored_points(ref: MessageRef, fd: int, mapped: Any) -> np.ndarray | None:
+    """The points of the ``foxglove.PointCloud`` message at ``ref`` as a read-only
+    :data:`~agent.schemas.POINT_DTYPE` array over ``mapped`` (the segment file's
+    ``mmap``): what the replay decoder gives, without copying the points out of the page
+    cache. None when the message must be decoded instead (see :func:`_stored_field`; a
+    stride or length the decoder rejects)."""
+    from foxglove_schemas_protobuf.PointCloud_pb2 import PointCloud
+
+    from agent.schemas import POINT_DTYPE
+
+    got = _stored_field(ref, fd, PointCloud, 6)
+    if got is None:
+        return None
+    data, rest = got
+    if rest.point_stride != POINT_DTYPE.itemsize or data.length % POINT_DTYPE.itemsize:
+        return None
+    return np.frombuffer(mapped, POINT_DTYPE, count=data.length // POINT_DTYPE.itemsize,
+                         offset=data.offset)
 
 
 # -- label messages → LabelSets ----------------------------------------------------------
@@ -295,10 +327,13 @@ class SessionView:
                    and (kinds is None or i.kind in kinds)]
         labels = [n for n, i in infos.items() if i.kind == StreamKind.LABEL]
         self.sensor_streams = select_streams(sensors, opts.streams)
-        #: camera streams whose images may stay in the segment files (module doc)
+        #: camera and LiDAR streams whose payloads may stay in the segment files
+        #: (module doc)
         self.stored_streams = {n for n in self.sensor_streams
-                               if infos[n].kind == StreamKind.CAMERA
-                               and infos[n].encoding in IMAGE_EXT}
+                               if (infos[n].kind, infos[n].encoding in IMAGE_EXT) ==
+                               (StreamKind.CAMERA, True) or
+                               (infos[n].kind, infos[n].encoding) == (StreamKind.LIDAR,
+                                                                      "points")}
         chosen_labels = select_streams(labels, opts.labels)
         self.label_streams = {n for n in chosen_labels
                               if infos[n].params.get("source") in self.sensor_streams
@@ -349,13 +384,14 @@ class SessionView:
         pending: deque[Frame] = deque()
         unmatched: deque[tuple[str, LabelSet]] = deque()
         by_key: dict[tuple[str, int], Frame] = {}
-        fds: dict[Path, int] = {}  # segment files read for stored images' trailing fields
+        fds: dict[Path, int] = {}  # segment files read for stored payloads' other fields
+        maps: dict[Path, Any] = {}  # and mapped for point clouds (closed when unreferenced)
         try:
             for start, end in self.windows:
                 for rec in self.reader.records(start, end, want, refs=self.stored_streams):
                     if progress is not None:
                         progress(1)
-                    s = None if rec.ref is None else self._stored_sample(rec, fds)
+                    s = None if rec.ref is None else self._stored_sample(rec, fds, maps)
                     if s is None:
                         s = self.reader.sample(rec)
                     if s is None:
@@ -387,18 +423,28 @@ class SessionView:
                 os.close(fd)
         self.counts["labels_unmatched"] += len(unmatched)
 
-    def _stored_sample(self, rec: Record, fds: dict[Path, int]) -> Sample | None:
-        """The Sample of a camera record read as a reference, its payload the image's
-        :class:`MessageRef`; None when that cannot be used (decode the record instead)."""
+    def _stored_sample(self, rec: Record, fds: dict[Path, int], maps: dict[Path, Any]
+                       ) -> Sample | None:
+        """The Sample of a record read as a reference: for a camera its payload is the
+        image's :class:`MessageRef`, for a LiDAR the points over the mapped file; None
+        when that cannot be used (decode the record instead)."""
+        import mmap
+
         ref = rec.ref
         fd = fds.get(ref.path)
         try:
             if fd is None:
                 fd = fds[ref.path] = os.open(ref.path, os.O_RDONLY)
-            img = stored_image(ref, fd)
-        except OSError:
+            if self.infos[rec.stream].kind == StreamKind.LIDAR:
+                mapped = maps.get(ref.path)
+                if mapped is None:
+                    mapped = maps[ref.path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                payload = stored_points(ref, fd, mapped)
+            else:
+                payload = stored_image(ref, fd)
+        except (OSError, ValueError):
             return None
-        return None if img is None else SessionReader.sample_of(rec, img)
+        return None if payload is None else SessionReader.sample_of(rec, payload)
 
     def _flush(self, pending: deque[Frame], unmatched: deque[tuple[str, LabelSet]],
                by_key: dict[tuple[str, int], Frame], before_ns: int | None
@@ -463,13 +509,14 @@ class Progress:
 
 class FileWriter:
     """Writes export files on helper threads (file creation, writes and in-kernel copies
-    release the GIL, so they overlap with reading and decoding). ``write`` takes bytes, or
-    a :class:`MessageRef` whose bytes are copied from the segment file in the kernel
+    release the GIL, so they overlap with reading and decoding). ``write`` takes bytes; a
+    :class:`MessageRef` whose bytes are copied from the segment file in the kernel
     (``os.copy_file_range``; plain reads and writes where the kernel or file system
-    cannot). Called from one thread; it blocks only while ``max_pending`` files of bytes
-    (``max_copies`` copies, which hold no memory) wait. ``close`` waits for all and raises
-    the first error. ``files``, ``bytes`` and ``copied`` (files copied from a segment
-    file) count what was asked for."""
+    cannot); or a function that makes the bytes, called on a writer thread (numpy
+    releases the GIL while it copies arrays). Called from one thread; it blocks only while
+    ``max_pending`` files of bytes or functions (``max_copies`` copies, which hold no
+    memory) wait. ``close`` waits for all and raises the first error. ``files``, ``bytes``
+    and ``copied`` (files copied from a segment file) count what was asked for."""
 
     #: copy_file_range errors that mean "not here" (old kernel, file system, seccomp)
     _NO_COPY = {errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
@@ -485,6 +532,7 @@ class FileWriter:
         self._sources: dict[Path, int] = {}
         self._last: list[str] = []
         self._links: list[tuple[str, str]] = []
+        self._count_lock = threading.Lock()
         self._kernel_copy = hasattr(os, "copy_file_range")
         self.files = 0
         self.bytes = 0
@@ -494,8 +542,10 @@ class FileWriter:
         for t in self._threads:
             t.start()
 
-    def write(self, path: str | Path, data: bytes | MessageRef) -> None:
-        """Queue one file (parent folders are made here)."""
+    def write(self, path: str | Path, data: bytes | MessageRef | Callable[[], bytes]
+              ) -> None:
+        """Queue one file (parent folders are made here). ``bytes`` counts a function's
+        bytes once it has run."""
         path = self._folder_for(path)
         if self._errors:
             raise self._errors[0]
@@ -505,10 +555,12 @@ class FileWriter:
                 src = self._sources[data.path] = os.open(data.path, os.O_RDONLY)
             slots = self._copy_slots
             self.copied += 1
-            self.bytes += data.length
+            n = data.length
         else:
             src, slots = -1, self._mem_slots
-            self.bytes += len(data)
+            n = 0 if callable(data) else len(data)
+        with self._count_lock:
+            self.bytes += n
         slots.acquire()
         self.files += 1
         self._queue.put((path, data, src, slots))
@@ -545,6 +597,10 @@ class FileWriter:
             path, data, src, slots = item
             try:
                 if src < 0:
+                    if callable(data):
+                        data = data()
+                        with self._count_lock:
+                            self.bytes += len(data)
                     with open(path, "wb") as f:
                         f.write(data)
                 else:
@@ -629,8 +685,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _default(o: Any) -> Any:
-    import numpy as np
-
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -658,8 +712,6 @@ def image_data(frame: Frame) -> tuple[bytes | MessageRef, str, tuple[int, int] |
         if isinstance(p, (bytes, bytearray, memoryview)):
             data = bytes(p)
             return data, IMAGE_EXT[enc], image_size(data, enc)
-    import numpy as np
-
     if enc in ("bgr8", "rgb8", "mono8") and isinstance(p, np.ndarray):
         import cv2
 

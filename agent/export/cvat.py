@@ -25,6 +25,7 @@ the "Datumaro 3D 1.0" format; zip ``images/`` for the image task and import
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import xml.etree.ElementTree as ET
@@ -201,8 +202,8 @@ def _scan(fr: Frame, out: Path, ascii: bool, classes: set[str],
     path = out / "pointcloud" / "pointcloud" / f"{name}.pcd"
     if ascii:
         write_pcd(path, fr.sample.payload, ascii=True)
-    else:
-        files.write(path, pcd_bytes(fr.sample.payload))
+    else:  # gathered on a writer thread
+        files.write(path, functools.partial(pcd_bytes, fr.sample.payload))
     anns = []
     for ls in fr.labels:
         for d in ls.detections:
