@@ -8,9 +8,11 @@ frame of every camera, 3D cuboids on every scan, speech segments every 3 s.
 
 Figures:
 - export COCO / Label Studio / CVAT at max rate: session seconds per wall second (goal ≥ 20×
-  real time) and per CPU second, against two floors measured in the same run: writing the
-  export's files (same count and sizes) from memory with the same writer, and copying the
-  session's segment files (``shutil.copyfile``);
+  real time) and per CPU second, against three floors measured in the same run: writing
+  the export's files (same count and sizes; its hard links made as links) from memory with
+  the same writer, copying files of those sizes from the segment files in the kernel
+  (``copy_file_range``, the same writer), and copying the session's segment files
+  (``shutil.copyfile``);
 - replay at max rate (records decoded into Samples) against mcap's own reader iterating the
   same messages undecoded;
 - replay pacing at 1×: lateness of each sample against its due time, p50/p99/max, with the
@@ -18,7 +20,13 @@ Figures:
 - replay at 10×: per-stream emitted rates against 10 × the recorded rates (goal ≤ 1 %).
 
 The session is read from the page cache (it was just written): the figures are CPU-bound
-export costs, not cold-disk reads.
+export costs, not cold-disk reads. Order and disk state: the replay figures come first,
+after ``os.sync()``, so no writeback of the bench's own files runs while it paces; every
+export and floor writes a fresh folder after ``os.sync()``, and nothing is deleted before
+the end: on this machine's ext4 (no journal) creating files within a minute of deleting
+thousands is ~3× slower (the inode allocator skips recently freed inodes), which made the
+earlier figures depend on what the previous measurement had deleted. A run that starts
+within a minute of the last one's clean-up waits that minute out.
 """
 
 from __future__ import annotations
@@ -152,9 +160,22 @@ def _copy_floor(session: Path, dst: Path) -> float:
     return time.perf_counter() - t
 
 
-def _file_floor(dst: Path, sizes: list[int]) -> float:
-    """Time to create files of these sizes from memory, with the exporters' writer (two
-    threads): the floor of a one-file-per-frame format on this disk."""
+def _distinct(files: list[Path]) -> tuple[list[int], int]:
+    """Sizes of the distinct files (hard links counted once) and the number of links."""
+    seen: set[tuple[int, int]] = set()
+    sizes = []
+    for f in files:
+        st = f.stat()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            sizes.append(st.st_size)
+    return sizes, len(files) - len(sizes)
+
+
+def _file_floor(dst: Path, sizes: list[int], links: int) -> float:
+    """Time to create files of these sizes from memory, and ``links`` hard links to them,
+    with the exporters' writer (two threads): the floor of a one-file-per-frame format on
+    this disk."""
     from agent.export.common import FileWriter
 
     blob = os.urandom(max(sizes, default=1))
@@ -163,9 +184,54 @@ def _file_floor(dst: Path, sizes: list[int]) -> float:
     with FileWriter() as w:
         for k, n in enumerate(sizes):
             w.write(dirs[k % 8] / f"{k}.bin", blob[:n])
-    wall = time.perf_counter() - t
-    shutil.rmtree(dst)
-    return wall
+        for k in range(links):
+            w.link(dirs[k % 8] / f"{k}.bin", dst / "links" / f"{k}.bin")
+    return time.perf_counter() - t
+
+
+def _kernel_copy_floor(session: Path, dst: Path, sizes: list[int], links: int) -> float:
+    """The same files copied from the session's segment files in the kernel
+    (``copy_file_range`` through the exporters' writer), from offsets spread over the
+    segments: the floor of an export that copies recorded bytes."""
+    from agent.export.common import FileWriter
+    from agent.replay import MessageRef
+
+    segs = [(p, p.stat().st_size) for p in sorted(session.glob("*.mcap"))]
+    dirs = [dst / str(k) for k in range(8)]
+    t = time.perf_counter()
+    with FileWriter() as w:
+        pos = 0
+        for k, n in enumerate(sizes):
+            path, seg_size = segs[k % len(segs)]
+            pos = (pos + 7919 * 4096) % max(1, seg_size - n)
+            w.write(dirs[k % 8] / f"{k}.bin", MessageRef(path, pos, n))
+        for k in range(links):
+            w.link(dirs[k % 8] / f"{k}.bin", dst / "links" / f"{k}.bin")
+    return time.perf_counter() - t
+
+
+def _settle_disk() -> None:
+    """Write back what the bench wrote before the next measurement, so one figure does
+    not pay for the last one's writeback."""
+    os.sync()
+
+
+#: when this bench last deleted its files (see ``_wait_after_deletes``)
+_LAST_DELETE = Path(tempfile.gettempdir()) / "edgecap-bench-export.deleted"
+
+
+def _wait_after_deletes(seconds: float = 65.0) -> float:
+    """On ext4 without a journal (this machine's), the inode allocator skips inodes freed
+    in the last minute, so creating thousands of files soon after deleting thousands is
+    ~3× slower. Waits until a minute has passed since this bench last deleted its files
+    (a run right after another); returns the seconds waited."""
+    try:
+        since = time.time() - _LAST_DELETE.stat().st_mtime
+    except OSError:
+        return 0.0
+    wait = max(0.0, seconds - since)
+    time.sleep(wait)
+    return wait
 
 
 def _replay_max(session: Path) -> tuple[float, int, int]:
@@ -213,6 +279,60 @@ def _paced(session: Path, rate: float, seconds: float, realtime: bool) -> tuple[
     return drv.jitter(), rates
 
 
+class _Steal:
+    """Share of CPU time the hypervisor took from this VM (``/proc/stat`` steal) while a
+    figure was measured: a lateness or wall figure with steal in it measures the host."""
+
+    def __enter__(self) -> "_Steal":
+        self._t0 = self._ticks()
+        self.pct: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        t1 = self._ticks()
+        if self._t0 and t1 and t1[1] > self._t0[1]:
+            self.pct = round(100 * (t1[0] - self._t0[0]) / (t1[1] - self._t0[1]), 1)
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (v[7] if len(v) > 7 else 0), sum(v[:8])
+
+
+def _replay_figures(session: Path, seconds: float, quick: bool) -> list[Result]:
+    rep_s, n, nbytes = _replay_max(session)
+    peer_s = _mcap_iter(session)
+    out = [Result("replay --max (decoded samples)", n / rep_s, "samples/s",
+                  reference=f"mcap reader, undecoded: {n / peer_s:.0f} msg/s",
+                  ratio=peer_s / rep_s, ratio_desc="speed vs mcap reader",
+                  extra={"wall_s": round(rep_s, 2), "x_real_time": round(seconds / rep_s, 1),
+                         "decoded_mib_s": round(nbytes / 2**20 / rep_s, 1)})]
+    pace_s = 4.0 if quick else 10.0
+    for rt in (True, False):
+        with _Steal() as steal:
+            j, _ = _paced(session, 1.0, pace_s, rt)
+        if j["p99_ms"] is None:
+            continue
+        out.append(Result(f"replay 1× lateness p99 ({'SCHED_FIFO' if rt else 'normal'})",
+                          j["p99_ms"], "ms", reference=f"goal 1 ms; {steal.pct}% CPU stolen "
+                          "by the host meanwhile", ratio=j["p99_ms"] / 1.0, goal=1.0,
+                          higher_is_better=False, ratio_desc="p99 / 1 ms",
+                          extra={**j, "steal_pct": steal.pct,
+                                 "load_1min": round(os.getloadavg()[0], 2)}))
+    j10, rates = _paced(session, 10.0, min(seconds, 10.0), True)
+    worst = max(abs(r / 10.0 - 1.0) for r in rates.values()) if rates else float("nan")
+    out.append(Result("replay 10× rate error (worst stream)", 100 * worst, "%",
+                      reference="10 × recorded rate", ratio=100 * worst, goal=1.0,
+                      higher_is_better=False, ratio_desc="% off",
+                      extra={"rates": {k: round(v, 4) for k, v in rates.items()},
+                             "lateness": j10}))
+    return out
+
+
 def run(quick: bool = False) -> list[Result]:
     from agent.export import ExportOptions, export
 
@@ -224,57 +344,57 @@ def run(quick: bool = False) -> list[Result]:
         session = make_session(work / "rec", seconds)
         gen_s = time.perf_counter() - t
         size = sum(p.stat().st_size for p in session.glob("*.mcap"))
+        # replay first: nothing the bench wrote is still being written back while it paces
+        _settle_disk()
+        replay = _replay_figures(session, seconds, quick)
+        # exports: every figure writes into a fresh folder and nothing is deleted before
+        # the end (see _wait_after_deletes); each starts with the disk written back
+        waited = _wait_after_deletes()
+        _settle_disk()
         copy_s = _copy_floor(session, work / "copy")
-        shutil.rmtree(work / "copy")
         for fmt in ("coco", "labelstudio", "cvat"):
             dst = work / f"out-{fmt}"
-            t, c = time.perf_counter(), time.process_time()
-            res = export(str(session), fmt, ExportOptions(out_dir=dst, progress=False))
-            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            _settle_disk()
+            with _Steal() as steal:
+                t, c = time.perf_counter(), time.process_time()
+                res = export(str(session), fmt, ExportOptions(out_dir=dst, progress=False))
+                wall, cpu = time.perf_counter() - t, time.process_time() - c
             files = [f for f in dst.rglob("*") if f.is_file()]
             written = sum(f.stat().st_size for f in files)
-            floor_s = _file_floor(work / "floor", [f.stat().st_size for f in files])
+            sizes, links = _distinct(files)
+            _settle_disk()
+            floor_s = _file_floor(work / f"floor-{fmt}", sizes, links)
+            _settle_disk()
+            kfloor_s = _kernel_copy_floor(session, work / f"kfloor-{fmt}", sizes, links)
+            linked = f" ({links} of them hard links)" if links else ""
             out.append(Result(f"export {fmt}", seconds / wall, "× real time",
-                              reference=f"writing its {len(files)} files from memory "
-                              f"{floor_s:.2f} s; copying the {size / 2**20:.0f} MiB session "
-                              f"{copy_s:.2f} s", ratio=seconds / wall, goal=20.0,
+                              reference=f"writing its {len(files)} files{linked} from memory "
+                              f"{floor_s:.2f} s, copying them from the segments in the "
+                              f"kernel {kfloor_s:.2f} s; copying the {size / 2**20:.0f} MiB "
+                              f"session {copy_s:.2f} s", ratio=seconds / wall, goal=20.0,
                               ratio_desc="session s per wall s",
                               extra={"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                                      "x_real_time_per_cpu_s": round(seconds / cpu, 1),
+                                     "file_floor_s": round(floor_s, 2),
+                                     "kernel_copy_floor_s": round(kfloor_s, 2),
                                      "vs_file_floor": round(wall / floor_s, 2),
+                                     "vs_kernel_copy_floor": round(wall / kfloor_s, 2),
                                      "vs_copy": round(wall / copy_s, 2),
-                                     "files": len(files), "written_mib": round(written / 2**20, 1),
+                                     "files": len(files), "hard_links": links,
+                                     "written_mib": round(sum(sizes) / 2**20, 1),
+                                     "exported_mib": round(written / 2**20, 1),
+                                     "waited_for_deletes_s": round(waited, 1),
+                                     "steal_pct": steal.pct,
+                                     "load_1min": round(os.getloadavg()[0], 2),
                                      "summary": {k: v for k, v in res.items() if k != "out"}}))
-            shutil.rmtree(dst)
-        rep_s, n, nbytes = _replay_max(session)
-        peer_s = _mcap_iter(session)
-        out.append(Result("replay --max (decoded samples)", n / rep_s, "samples/s",
-                           reference=f"mcap reader, undecoded: {n / peer_s:.0f} msg/s",
-                           ratio=peer_s / rep_s, ratio_desc="speed vs mcap reader",
-                           extra={"wall_s": round(rep_s, 2), "x_real_time":
-                                  round(seconds / rep_s, 1),
-                                  "decoded_mib_s": round(nbytes / 2**20 / rep_s, 1)}))
-        pace_s = 4.0 if quick else 10.0
-        for rt in (True, False):
-            j, _ = _paced(session, 1.0, pace_s, rt)
-            if j["p99_ms"] is None:
-                continue
-            out.append(Result(f"replay 1× lateness p99 ({'SCHED_FIFO' if rt else 'normal'})",
-                              j["p99_ms"], "ms", reference="goal 1 ms",
-                              ratio=j["p99_ms"] / 1.0, goal=1.0, higher_is_better=False,
-                              ratio_desc="p99 / 1 ms", extra=j))
-        j10, rates = _paced(session, 10.0, min(seconds, 10.0), True)
-        worst = max(abs(r / 10.0 - 1.0) for r in rates.values()) if rates else float("nan")
-        out.append(Result("replay 10× rate error (worst stream)", 100 * worst, "%",
-                          reference="10 × recorded rate", ratio=100 * worst, goal=1.0,
-                          higher_is_better=False, ratio_desc="% off",
-                          extra={"rates": {k: round(v, 4) for k, v in rates.items()},
-                                 "lateness": j10}))
+        out += replay
         out.append(Result("reference session", seconds, "s",
                           reference=f"{size / 2**20:.0f} MiB, written in {gen_s:.1f} s",
                           extra={"segments": len(list(session.glob('*.mcap')))}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        _LAST_DELETE.touch()
+        _settle_disk()
     return out
 
 
