@@ -104,6 +104,7 @@ class _Up:
     state: str = "offered"  # → sending → committing
     pos: int = 0
     acked: int = 0
+    ahead: tuple[int, bytes] | None = None  # the next chunk, read while waiting for credit
 
 
 class _Link:
@@ -496,8 +497,9 @@ class Uploader:
 
     def _pump(self, link: _Link, u: _Up, chunk: int, credit: CreditWindow,
               s: UploadSummary) -> float:
-        """Send chunks while credit and tokens allow; returns the seconds the bucket wants
-        us to wait (0 when limited by credit or done)."""
+        """Send chunks while credit and tokens allow, then read the next chunk ahead so
+        the ack that frees credit is answered by a send at once; returns the seconds the
+        bucket wants us to wait (0 when limited by credit or done)."""
         key = u.b.key
         hwm = self._hwm.get(key, 0)
         crc = self.cfg.insecure  # CURVE already authenticates every byte
@@ -507,7 +509,11 @@ class Uploader:
                 d = self.bucket.try_take(n)
                 if d > 0:
                     return d
-            data = os.pread(u.fd, n, u.pos)
+            if u.ahead is not None and u.ahead[0] == u.pos and len(u.ahead[1]) == n:
+                data = u.ahead[1]
+            else:
+                data = os.pread(u.fd, n, u.pos)
+            u.ahead = None
             if len(data) != n:
                 u.state = "vanished"  # truncated or replaced under us
                 break
@@ -525,6 +531,8 @@ class Uploader:
             s.bytes_sent += n
             self.metrics.bytes_sent.inc(n)
         self._hwm[key] = hwm
+        if u.state == "sending" and u.pos < u.b.size and u.ahead is None:
+            u.ahead = (u.pos, os.pread(u.fd, min(chunk, u.b.size - u.pos), u.pos))
         return 0.0
 
     def _handle(self, m: Message, link: _Link, current: _Up | None,
