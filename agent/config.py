@@ -94,7 +94,7 @@ class SyncConfig(_Strict):
     bandwidth_kbps: float | None = Field(default=None, gt=0)
     delete_after_upload: bool = False
     chunk_kb: int = Field(default=1024, ge=16, le=65536)
-    window: int = Field(default=8, ge=1, le=256, description="chunks in flight")
+    window: int = Field(default=1, ge=1, le=256, description="chunks in flight")
     upload_hours: list[str] = Field(default_factory=list,
                                     description='local-time windows, e.g. ["22:00-06:00"]')
     poll_s: float = Field(default=2.0, gt=0, le=3600, description="spool scan interval")
