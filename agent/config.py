@@ -94,7 +94,11 @@ class SyncConfig(_Strict):
     bandwidth_kbps: float | None = Field(default=None, gt=0)
     delete_after_upload: bool = False
     chunk_kb: int = Field(default=1024, ge=16, le=65536)
-    window: int = Field(default=1, ge=1, le=256, description="chunks in flight")
+    window: int | Literal["auto"] = Field(
+        default="auto", description='chunks in flight: "auto" (one chunk plus rate x round '
+        'trip, docs/sync.md) or a fixed 1..256')
+    window_max: int = Field(default=8, ge=1, le=256,
+                            description='most chunks in flight with window = "auto"')
     upload_hours: list[str] = Field(default_factory=list,
                                     description='local-time windows, e.g. ["22:00-06:00"]')
     poll_s: float = Field(default=2.0, gt=0, le=3600, description="spool scan interval")
@@ -112,6 +116,14 @@ class SyncConfig(_Strict):
             if not m or (m[3] == "24" and m[4] != "00"):
                 raise ValueError(f"expected windows like '22:00-06:00', got {w!r}")
         return v
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if v == "auto" or (type(v) is int and 1 <= v <= 256):
+            return v
+        raise ValueError(f'expected "auto" or a whole number of chunks from 1 to 256, '
+                         f'got {v!r}')
 
     @model_validator(mode="after")
     def _plain_only_on_loopback(self) -> "SyncConfig":

@@ -35,6 +35,10 @@ class UploaderMetrics:
                                    registry=r)
         self.connected = Gauge(p + "connected", "1 while a session with the server is up",
                                registry=r)
+        self.window = Gauge(p + "window_chunks", "Chunks the uploader may have in flight "
+                            "now (fixed, or sized from rate x round trip)", registry=r)
+        self.rtt = Gauge(p + "rtt_seconds", "Round-trip estimate: the smallest ping (or "
+                         "hello) round trip of the last 30 s", registry=r)
 
 
 class IngestMetrics:

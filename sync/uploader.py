@@ -4,10 +4,20 @@ server, best first, resumably, within a bandwidth cap and upload windows.
 One thread (the caller of :meth:`Uploader.run_once` / :meth:`Uploader.run_forever`) does
 everything; the only other threads are ZeroMQ's own. Per connection::
 
-    DEALER ── hello ──▶ welcome (limits, window)
+    DEALER ── hello ──▶ welcome (limits, window)     (a round-trip sample)
+           ── ping ──▶ pong                           (sent only while no chunk is in
+                                                       flight: a round-trip sample)
            ── offer(bundle, size, sha256, priority, manifest) ──▶ resume(offset) | have
            ── chunk(off) × window, paced by the token bucket ──▶ ack(off)   (credit)
            ── commit ──▶ done (after the server verified the sha256 and stored durably)
+
+With ``window = "auto"`` the chunks in flight follow the path's bandwidth-delay product
+(:class:`sync.throttle.AutoWindow`): the smallest recent round trip of those pings times
+the acknowledged rate (or the bandwidth cap, if higher), plus the chunk being served.
+While a transfer has nothing in flight the uploader pings (and holds the next chunk up to
+``_PROBE_HOLD_S`` for the pong); while more than one chunk is in flight the pipe never
+empties by itself, so every ``_DRAIN_EVERY_S`` it lets it drain for one ping. A fixed
+``window`` only pings at connect (for the round-trip metric).
 
 A lost link, a killed server or a restart of this process costs at most the chunks that
 were in flight: the server answers every offer with the offset it holds. A segment is
@@ -23,6 +33,7 @@ import random
 import threading
 import time
 import zlib
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +53,7 @@ from .metrics import UploaderMetrics
 from .protocol import SERVER_TYPES, Limits, Message, decode, encode
 from .schedule import UploadWindows
 from .spool import REJECTED_SUFFIX, UPLOADED_SUFFIX, Spool, SpoolBundle, SyncState
-from .throttle import CreditWindow, TokenBucket, chunk_for_rate
+from .throttle import AutoWindow, CreditWindow, PathEstimate, TokenBucket, chunk_for_rate
 
 log = logging.getLogger("sync.uploader")
 
@@ -53,6 +64,13 @@ _RETRY = {"busy", "storage", "rate_limited", "unknown_transfer", "superseded", "
           "bad_offset", "bad_crc", "too_large", "bad_field"}
 _PERMANENT = {"conflict", "bad_manifest"}
 _MAX_ATTEMPTS = 3  # per bundle and run before it waits for the next run
+# Round-trip pings go out only on an idle pipe, and no chunk follows until the pong or
+# _PROBE_HOLD_S (a chunk's encryption would delay the pong in ZeroMQ's I/O threads). That
+# holds the link for min(round trip, hold), so pings are spaced 100 times that: ≤ 1 %.
+_PROBE_HOLD_S = 0.002
+_PROBE_MIN_GAP_S = 0.02
+_DRAIN_EVERY_S = 10.0  # window > 1: stop sending until all is acked, for one ping (the
+                       # round-trip estimate keeps the least sample of the last 30 s)
 
 
 class _LinkDown(Exception):
@@ -89,6 +107,8 @@ class UploadSummary:
     outside_window: bool = False
     error: str = ""
     seconds: float = 0.0
+    window: int = 0  # chunks in flight allowed when the run ended (0: never connected)
+    rtt_ms: float | None = None  # the round-trip estimate then (smallest recent sample)
     bundles: list[str] = field(default_factory=list)  # acknowledged, in ack order
     offered: list[str] = field(default_factory=list)  # first offers, in priority order
 
@@ -130,6 +150,7 @@ class _Link:
         self.poller.register(s, zmq.POLLIN)
         self.poller.register(self.mon, zmq.POLLIN)
         self.welcome: Message | None = None
+        self.pings: deque[float | None] = deque()  # send times; None: not a clean sample
 
     def send(self, frames: list[Any]) -> None:
         try:
@@ -203,7 +224,12 @@ class Uploader:
         self._stop = threading.Event()
         self._last_save = 0.0
         self._last_progress = clock()
+        self.path = PathEstimate(clock)  # outlives connections: it describes the route
+        self._probe_t = -1e9  # when the last clean ping went out
+        self._window_shown = 0
         rate = (sync.bandwidth_kbps or 0) * 1000 / 8
+        self._cap_rate = rate or None
+        self._max_window = sync.window_max if sync.window == "auto" else sync.window
         self._chunk = sync.chunk_kb << 10
         if rate:
             self._chunk = chunk_for_rate(rate, self._chunk)
@@ -343,6 +369,9 @@ class Uploader:
         s.skipped += sum(self.spool.skipped.values()) - skipped0
         s.reconnects = max(0, self._connections - 1)
         s.seconds = self._clock() - t0
+        s.window = self._window_shown
+        rtt = self.path.rtt
+        s.rtt_ms = None if rtt is None else rtt * 1e3
         return s
 
     def _drop_link(self) -> None:
@@ -355,14 +384,15 @@ class Uploader:
         if self._link is not None:
             return self._link
         link = _Link(self._ctx, self.cfg.server, self.curve, self.cfg.timeout_s,
-                     self.cfg.window + 16)
+                     self._max_window + 16)
         self._connections += 1
         if self._connections > 1:
             self.metrics.reconnects.inc()
         try:
             link.send(encode("hello", device=self.device_id,
                              agent=f"edgecap {__version__}"[:64]))
-            deadline = self._clock() + self.cfg.timeout_s
+            t_hello = self._clock()  # the sample includes the handshake: an upper bound
+            deadline = t_hello + self.cfg.timeout_s
             while True:
                 left = deadline - self._clock()
                 if left <= 0:
@@ -381,7 +411,9 @@ class Uploader:
             link.close()
             raise
         link.welcome = m
+        self._on_rtt(self._clock() - t_hello)
         self._link = link
+        self._probe(link)  # nothing in flight yet: the bare round trip
         self.metrics.connected.set(1)
         log.info("connected to %s (server %s)", self.cfg.server, m["server"])
         return link
@@ -392,7 +424,12 @@ class Uploader:
         assert link.welcome is not None
         w = link.welcome
         chunk = min(self._chunk, w["max_chunk"])
-        credit = CreditWindow(min(self.cfg.window, w["window"]), self._clock)
+        credit: CreditWindow | AutoWindow
+        if self.cfg.window == "auto":
+            credit = AutoWindow(self.path, chunk, min(self.cfg.window_max, w["window"]),
+                                self._cap_rate)
+        else:
+            credit = CreditWindow(min(self.cfg.window, w["window"]), self._clock)
         timeout = self.cfg.timeout_s
         current: _Up | None = None
         committing: dict[int, _Up] = {}
@@ -458,6 +495,7 @@ class Uploader:
                     raise _LinkDown(f"no answer for {timeout:.0f} s")
                 if expecting and now - last_rx > timeout / 3 and now - last_ping > timeout / 3:
                     link.send(encode("ping"))
+                    link.pings.append(None)  # chunks may be queued ahead of it
                     last_ping = now
         finally:
             for u in ([current] if current else []) + list(committing.values()):
@@ -495,15 +533,49 @@ class Uploader:
                          manifest=manifest))
         return _Up(b, self._tid, fd)
 
-    def _pump(self, link: _Link, u: _Up, chunk: int, credit: CreditWindow,
+    def _on_rtt(self, seconds: float) -> None:
+        self.path.on_rtt(seconds)
+        self.metrics.rtt.set(self.path.rtt or seconds)
+
+    def _probe(self, link: _Link) -> None:
+        """Send a ping for a round-trip sample unless one is out or went out recently (see
+        ``_PROBE_HOLD_S``). Call only while no chunk is in flight (nothing queued
+        ahead of it, so the sample is the network's round trip, not a chunk's service)."""
+        now = self._clock()
+        gap = max(_PROBE_MIN_GAP_S, 100 * min(self.path.rtt or 1.0, _PROBE_HOLD_S))
+        if now - self._probe_t < gap or any(t is not None for t in link.pings):
+            return
+        link.send(encode("ping"))
+        link.pings.append(now)
+        self._probe_t = now
+
+    def _pump(self, link: _Link, u: _Up, chunk: int, credit: CreditWindow | AutoWindow,
               s: UploadSummary) -> float:
         """Send chunks while credit and tokens allow, then read the next chunk ahead so
         the ack that frees credit is answered by a send at once; returns the seconds the
-        bucket wants us to wait (0 when limited by credit or done)."""
+        bucket (or a round-trip ping) wants us to wait (0 when limited by credit or done).
+        With an automatic window, while nothing is in flight it first sends a ping
+        (:meth:`_probe`) and waits up to ``_PROBE_HOLD_S`` for its pong; above one chunk
+        it sends nothing new once a ping is ``_DRAIN_EVERY_S`` overdue, until all is
+        acked."""
         key = u.b.key
         hwm = self._hwm.get(key, 0)
         crc = self.cfg.insecure  # CURVE already authenticates every byte
-        while u.pos < u.b.size and u.pos - u.acked < credit.chunks * chunk:
+        win = credit.chunks
+        if win != self._window_shown:
+            self._window_shown = win
+            self.metrics.window.set(win)
+        now = self._clock()
+        if (isinstance(credit, AutoWindow) and win > 1 and u.pos > u.acked
+                and now - self._probe_t > _DRAIN_EVERY_S):
+            return 0.0
+        if isinstance(credit, AutoWindow) and u.pos == u.acked and u.pos < u.b.size:
+            self._probe(link)
+            if link.pings and link.pings[-1] is not None:
+                hold = self._probe_t + _PROBE_HOLD_S - now
+                if hold > 0:
+                    return hold
+        while u.pos < u.b.size and u.pos - u.acked < win * chunk:
             n = min(chunk, u.b.size - u.pos)
             if self.bucket is not None:
                 d = self.bucket.try_take(n)
@@ -531,13 +603,15 @@ class Uploader:
             s.bytes_sent += n
             self.metrics.bytes_sent.inc(n)
         self._hwm[key] = hwm
+        if link.pings and link.pings[-1] is not None:
+            return 0.0  # read ahead after the pong: the read would lengthen the sample
         if u.state == "sending" and u.pos < u.b.size and u.ahead is None:
             u.ahead = (u.pos, os.pread(u.fd, min(chunk, u.b.size - u.pos), u.pos))
         return 0.0
 
     def _handle(self, m: Message, link: _Link, current: _Up | None,
                 committing: dict[int, _Up], requeue: Callable[..., None],
-                s: UploadSummary, credit: CreditWindow) -> _Up | None:
+                s: UploadSummary, credit: CreditWindow | AutoWindow) -> _Up | None:
         """Apply one server message; returns the (possibly cleared) current transfer."""
         t = m.type
         tid = m.get("tid")
@@ -545,6 +619,9 @@ class Uploader:
         if t == "pong":
             if m.get("boot") and m.get("boot") != link.welcome["boot"]:  # type: ignore[index]
                 raise _LinkDown("server restarted")
+            sent = link.pings.popleft() if link.pings else None  # answered in order
+            if sent is not None:
+                self._on_rtt(self._clock() - sent)
             return current
         if t == "resume" and cur is not None and cur.state == "offered":
             off = m["offset"]
@@ -553,7 +630,7 @@ class Uploader:
                 return None
             cur.pos = cur.acked = off
             cur.state = "sending"
-            credit.restart()
+            credit.restart(off)
             if off:
                 log.info("%s: resuming at %d of %d bytes", cur.b.key, off, cur.b.size)
             return current
@@ -569,7 +646,7 @@ class Uploader:
                      m["code"], cur.pos)
             self.metrics.failures.labels(m["code"][:32]).inc()
             cur.pos = cur.acked = min(m["off"], cur.b.size)
-            credit.restart()
+            credit.restart(cur.acked)
             return current
         if t == "have" and cur is not None:
             os.close(cur.fd)

@@ -78,6 +78,23 @@ def test_sync_config_rules():
     assert not loopback_endpoint("tcp://127.example.com:1")
 
 
+def test_sync_window_is_auto_or_a_fixed_count():
+    assert (SyncConfig().window, SyncConfig().window_max) == ("auto", 8)
+    assert SyncConfig(window=1).window == 1 and SyncConfig(window=256).window == 256
+    for bad in (0, 257, "fast", "2", 2.0, True, None):
+        with pytest.raises(ValueError, match='"auto" or a whole number of chunks'):
+            SyncConfig(window=bad)
+    for bad in (0, 257):
+        with pytest.raises(ValueError, match="window_max"):
+            SyncConfig(window_max=bad)
+    rig = {"device_id": "rig", "streams": [{"name": "/gps", "driver": "gps.synthetic"}],
+           "sync": {"insecure": True, "window": "fast"}}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(rig, "rig.toml", check_drivers=False)
+    assert problems(ei)["sync.window"] == ('expected "auto" or a whole number of chunks '
+                                           "from 1 to 256, got 'fast'")
+
+
 def test_rig_file_sync_errors_name_the_key():
     rig = {"device_id": "rig", "streams": [{"name": "/gps", "driver": "gps.synthetic"}],
            "sync": {"insecure": True, "server": "tcp://8.8.8.8:7450", "bandwith_kbps": 5}}

@@ -90,6 +90,11 @@ def test_fs_backend_end_to_end_in_priority_order(tmp_path, allow_rig_only):
     assert reg.get_sample_value("edgecap_sync_upload_bytes_sent_total") == s.bytes_sent
     assert reg.get_sample_value("edgecap_sync_upload_bundles_total",
                                 {"outcome": "stored"}) == 6
+    # window = "auto": what it chose and the round trip it measured, in both places
+    assert s.window >= 1 and s.rtt_ms is not None and s.rtt_ms > 0
+    assert reg.get_sample_value("edgecap_sync_upload_window_chunks") == s.window
+    assert reg.get_sample_value("edgecap_sync_upload_rtt_seconds") == pytest.approx(
+        s.rtt_ms / 1e3)
 
 
 def test_s3_backend_end_to_end_multipart(tmp_path, allow_rig_only, s3):

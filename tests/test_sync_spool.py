@@ -1,5 +1,5 @@
 """Edge-side pieces without a network: spool scanning and ordering, markers, the state
-file, the token bucket and upload windows."""
+file, the token bucket, the credit window (fixed and automatic) and upload windows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from sync.schedule import UploadWindows
 from sync.spool import (REJECTED_SUFFIX, STATE_FILE, UPLOADED_SUFFIX, Spool, SyncState)
 from sync.testing import make_bundle
-from sync.throttle import TokenBucket, chunk_for_rate
+from sync.throttle import (AutoWindow, PathEstimate, TokenBucket, bdp_window,
+                           chunk_for_rate)
 
 
 def test_scan_finds_closed_segments_with_manifests_only(tmp_path):
@@ -192,3 +193,116 @@ def test_credit_window_grows_on_fast_acks_and_shrinks_on_a_queue():
     cw.on_ack(off + 1000)  # an ack for nothing in flight changes nothing
     assert cw.chunks == 2
     assert CreditWindow(1, clk).chunks == 1  # never above the configured window
+
+
+MIB = 1 << 20
+
+
+def _acks(clk: FakeClock, aw: AutoWindow, rate: float, seconds: float, chunk: int = MIB,
+          off: int = 0) -> int:
+    """Acknowledge ``chunk``-sized pieces at ``rate`` bytes/s for ``seconds``."""
+    end = clk.t + seconds
+    while clk.t < end:
+        clk.t += chunk / rate
+        off += chunk
+        aw.on_ack(off)
+    return off
+
+
+def test_bdp_window_rule():
+    assert bdp_window(MIB, 300e6, 0.0001, 8) == 1  # loopback: 30 kB on the way
+    assert bdp_window(MIB, 6e6, 0.1, 8) == 2  # LTE: 0.6 MB on the way + the chunk
+    assert bdp_window(MIB, 6e6, 0.1, 1) == 1  # the limit (window_max, server) wins
+    assert bdp_window(MIB, 100e6, 1.0, 8) == 8
+    assert bdp_window(MIB, 0.0, 5.0, 8) == 1
+    assert bdp_window(MIB, 1e6, 1.1 * MIB / 1e6, 8) == 2  # 2.1 chunks needed: within slack
+    assert bdp_window(MIB, 1e6, 1.5 * MIB / 1e6, 8) == 3
+
+
+def test_auto_window_loopback_stays_at_one_and_lte_gets_two():
+    clk = FakeClock()
+    path = PathEstimate(clk)
+    aw = AutoWindow(path, MIB, 8)
+    assert aw.chunks == 1  # nothing measured yet
+    path.on_rtt(0.0001)
+    _acks(clk, aw, 300e6, 2.0)
+    assert aw.chunks == 1 and path.rate == pytest.approx(300e6)
+
+    clk = FakeClock()
+    path = PathEstimate(clk)
+    aw = AutoWindow(path, MIB, 8)
+    path.on_rtt(0.25)  # hello -> welcome: includes the handshake
+    path.on_rtt(0.1)  # a ping on the idle connection
+    _acks(clk, aw, 6e6, 0.4)
+    assert path.rate is None and aw.chunks == 1  # the acks span too little time yet
+    _acks(clk, aw, 6e6, 1.0, off=4 * MIB)
+    assert path.rtt == 0.1 and aw.chunks == 2
+    assert AutoWindow(path, MIB, 1).chunks == 1  # never above window_max / the server's
+
+
+def test_auto_window_converges_to_full_link_use_from_one_chunk():
+    """A link of 6.25 MB/s and 100 ms: W chunks in flight deliver W chunks per (chunk time
+    + round trip), at most the link rate. From window 1 (0.6 of the link) the measured
+    rate alone already asks for 2, which fills it."""
+    link, rtt, chunk = 6.25e6, 0.1, MIB
+    clk = FakeClock()
+    path = PathEstimate(clk)
+    aw = AutoWindow(path, chunk, 8)
+    path.on_rtt(rtt)
+    off, seen = 0, []
+    for _ in range(5):
+        w = aw.chunks
+        seen.append(w)
+        rate = min(link, w * chunk / (chunk / link + rtt))
+        off = _acks(clk, aw, rate, 1.0, off=off)
+    assert seen[0] == 1 and seen[-1] == 2
+    assert path.rate == pytest.approx(link)
+
+
+def test_auto_window_uses_the_cap_when_higher_than_measured():
+    clk = FakeClock()
+    path = PathEstimate(clk)
+    path.on_rtt(0.1)
+    aw = AutoWindow(path, MIB, 8)
+    _acks(clk, aw, 1e6, 2.0, chunk=MIB // 4)  # starved: 1 MB/s measured
+    assert aw.chunks == 1
+    capped = AutoWindow(path, MIB, 8, cap_rate=20e6)  # bandwidth_kbps = 160 000
+    assert capped.chunks == 3  # 1 + 20 MB/s x 0.1 s / 1 MiB = 2.9
+    clk.t += 30  # idle: the rate is kept, not read as a slow link
+    assert path.rate == pytest.approx(1e6) and capped.chunks == 3
+
+
+def test_min_rtt_expires_after_its_window():
+    clk = FakeClock()
+    path = PathEstimate(clk, rtt_window_s=30.0)
+    assert path.rtt is None
+    path.on_rtt(0.05)
+    clk.t = 10.0
+    path.on_rtt(0.2)  # the route got longer
+    clk.t = 20.0
+    path.on_rtt(0.3)
+    assert path.rtt == 0.05
+    clk.t = 30.5  # the 0.05 sample is older than 30 s
+    assert path.rtt == 0.2
+    clk.t = 45.0
+    path.on_rtt(0.25)
+    clk.t = 41.0 + 30
+    assert path.rtt == 0.25
+    clk.t = 500.0  # all old: the newest sample stands
+    assert path.rtt == 0.25
+    path.on_rtt(0.01)  # a smaller one replaces it at once
+    assert path.rtt == 0.01
+
+
+def test_auto_window_counts_acked_bytes_across_rewinds():
+    clk = FakeClock()
+    path = PathEstimate(clk)
+    aw = AutoWindow(path, MIB, 8)
+    aw.restart(5 * MIB)  # resumed at 5 MiB: those bytes were acked earlier
+    clk.t = 0.6
+    aw.on_ack(6 * MIB)
+    aw.on_ack(6 * MIB)  # a repeated ack adds nothing
+    aw.restart(0)  # the next transfer
+    clk.t = 1.2
+    aw.on_ack(MIB)
+    assert path.rate == pytest.approx(MIB / 0.6)
