@@ -268,3 +268,15 @@ def test_stop_is_prompt_and_idempotent(tmp_path):
     recs = list(read_truth(tmp_path / "truth" / "lidar.jsonl"))
     assert recs[-1]["type"] == "summary" and recs[-1]["frames"] >= 1
     assert json.loads(json.dumps(recs))  # plain JSON
+
+
+def test_a_frame_already_too_late_is_not_ray_cast(tmp_path):
+    """A stalled host: frames whose packets are all past sending are skipped unrendered
+    (the sender withholds them as overrun), so the emulator catches up."""
+    now = time.monotonic_ns()
+    emu = make_emu(tmp_path, t0_ns=now - 10 * 10**9)  # t = 0 was 10 s ago
+    f = emu._late_frame(0)
+    assert f is not None and f.truth["rendered"] is False and len(f.datas) == emu.ppf
+    assert emu._late_frame(200) is None  # 20 s in: still in the future
+    emu_now = make_emu(tmp_path / "b", t0_ns=now + 10**9)
+    assert emu_now._late_frame(0) is None

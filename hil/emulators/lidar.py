@@ -20,7 +20,9 @@ spread over the 100 ms frame, not sent in a burst. The world is ray cast once pe
 the frame's start (vehicle pose and objects at that instant; no motion distortion inside
 a scan) by :class:`hil.raycast.Raycaster`; frames are rendered up to two ahead by a render
 thread and sent by a sender thread. A frame whose packets would all be more than two
-periods late is withheld whole (``overrun``).
+periods late is withheld whole (``overrun``); one already that late when its turn to be
+rendered comes is not ray cast at all (truth ``"rendered": false``), so a stalled host
+does not leave the emulator late for good.
 
 Returns: range with 1 cm Gaussian noise, 0 (no return) beyond ``max_range_m`` or when the
 signal is too weak (far grazing ground); reflectivity by class (ground 12, car 45,
@@ -237,7 +239,9 @@ class LidarEmulator(Emulator):
         frame = LidarFrame(self.info)
         while not self.stop_event.is_set():
             try:
-                f = self.render_frame(k, frame)
+                # fallen behind (a stalled host): frames already too late to send are not
+                # ray cast, so the emulator catches up instead of staying late for good
+                f = self._late_frame(k) or self.render_frame(k, frame)
             except Exception:  # keep the sensor spinning; the frame is never sent
                 log.exception("lidar emulator: rendering frame %d failed", k)
                 self.count("render_errors")
@@ -250,6 +254,20 @@ class LidarEmulator(Emulator):
                 except queue.Full:
                     continue
             k += 1
+
+    def _late_frame(self, k: int) -> _Frame | None:
+        """Frame ``k`` unrendered (every packet withheld as ``overrun`` by the sender) when
+        its last packet is already more than two periods late; else None."""
+        dev_ns = self.d0_ns + k * self.period_ns
+        last_ns = self.clock.true_ns(dev_ns + self.period_ns)
+        if time.monotonic_ns() <= last_ns + 2 * self.period_ns:
+            return None
+        fid = (self.opts.first_frame_id + k) & 0xFFFF
+        true_ns = self.clock.true_ns(dev_ns)
+        truth = {"type": "sample", "seq": fid, "frame": k, "true_ns": true_ns,
+                 "device_ns": dev_ns, "packets": self.ppf, "points": 0, "ground_points": 0,
+                 "boxes": [], "rendered": False}
+        return _Frame(k, fid, dev_ns, true_ns, [b""] * self.ppf, [last_ns] * self.ppf, truth)
 
     def render_frame(self, k: int, frame: Any = None) -> _Frame:
         """Ray cast frame ``k`` and build its packets (any thread; pure given ``k``)."""
