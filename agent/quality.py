@@ -242,7 +242,7 @@ class QualityMonitor:
         silent = rms < self.th.silence_rms
         q.silent_blocks += silent
         if not silent:
-            q.dropout_blocks += _has_zero_run(pcm.reshape(-1), self.th.dropout_run)
+            q.dropout_blocks += has_zero_run(pcm.reshape(-1), self.th.dropout_run)
         elif q.live and not pcm.any():
             q.dropout_blocks += 1  # live audio cut to digital zeros: a dropout begins
         q.live = not silent
@@ -383,7 +383,7 @@ def _worst(vs: Any) -> str:
     return max(vs, key=_rank) if vs else "n/a"
 
 
-def _has_zero_run(x: np.ndarray, run: int) -> bool:
+def has_zero_run(x: np.ndarray, run: int) -> bool:
     """Whether ``x`` holds ``run`` or more consecutive exact zeros."""
     z = x == 0
     if int(z.sum()) < run:

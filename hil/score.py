@@ -49,6 +49,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from agent.quality import QualityThresholds, has_zero_run
+
 from .quality_score import score_quality
 from .runner import RunResult
 from .truth import read_truth
@@ -57,6 +59,7 @@ from .world import DeviceClock
 NS = 1_000_000_000
 STAMPS_TOPIC = "/edgecap/stamps"
 LATE_SEND_NS = 5_000_000
+DROPOUT_RUN = QualityThresholds().dropout_run
 
 
 # -- reading the bundle ------------------------------------------------------------------
@@ -419,6 +422,9 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
         else:
             runs.append([(t, rx, seq, pcm)])
     err, naive, trues = [], [], []
+    # blocks with digital zeros where the emulator had written sound: the sound server
+    # played zeros (an underrun on a stalled host); the agent never makes zeros itself
+    server_zeros: list[float] = []
     spans: list[tuple[int, int]] = []   # emitted [start, end) received
     unaligned = 0
     corr_min = 1.0
@@ -448,6 +454,9 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
             err.append(t - true)
             naive.append(rx - true)
             trues.append(true)
+            if has_zero_run(blk, DROPOUT_RUN) and not has_zero_run(ref[w:w + len(blk)],
+                                                                   DROPOUT_RUN):
+                server_zeros.append((true - run_t0_ns) / NS)
         a, b_ = max(0, pos), min(end, pos + len(pcm))
         if b_ > a:
             spans.append((first + a, first + b_))
@@ -478,6 +487,7 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
                                   run_t0_ns + int(hi / (rate * ratio) * NS)],
                        runs=len(runs), unaligned_samples=unaligned,
                        min_correlation=round(corr_min, 4), player_restarts=unplayed,
+                       sound_server_dropouts_s=[round(x, 3) for x in server_zeros],
                        agent=tot)
 
 
@@ -700,7 +710,9 @@ def score_run(run_dir: str | Path, assertions: dict[str, float] | None = None
             b.manifests, {d: list(getattr(sc.devices, d).faults) for d in res.devices
                           if getattr(sc.devices, d, None) is not None},
             {d: res.streams[d] for d in res.devices}, res.run_t0_ns,
-            {d: _shortfalls(run_dir, d, res.run_t0_ns) for d in res.devices})
+            {d: _shortfalls(run_dir, d, res.run_t0_ns)
+             + list(streams.get(d, {}).get("sound_server_dropouts_s", ()))
+             for d in res.devices})
     if assertions is None:
         assertions = sc.assertions if sc is not None else {}
     report["assertions"] = check_assertions(report, assertions)
