@@ -194,11 +194,12 @@ def test_records_the_emulator_with_consistent_counts_and_clapper_timing(pa, tmp_
         assert b.seq == a.seq + len(a.payload)
     assert all(s.device_t_ns == s.seq * 1_000_000_000 // RATE for s in ss)
     assert all(s.payload.dtype == np.int16 and s.payload.shape == (BLOCK, 1) for s in ss)
-    # sample count against the host clock: within a block after the start-up settles
-    a, b = ss[20], ss[-1]
-    frames = b.seq - a.seq
-    expected = (b.host_rx_ns - a.host_rx_ns) * RATE / 1e9
-    assert abs(frames - expected) <= 2 * BLOCK, (frames, expected)
+    # sample count against the host clock after the start-up settles: the least arrival
+    # delay (host_rx - sample index time) early and late agree within two blocks (least
+    # delays, because a busy host delays a block's arrival, never hastens it)
+    delay = [s.host_rx_ns - s.seq * 1_000_000_000 // RATE for s in ss[20:]]
+    early, late = min(delay[:20]), min(delay[-20:])
+    assert abs(late - early) * RATE / 1e9 <= 2 * BLOCK, (early, late)
     # PortAudio's ADC time is there and increasing; on PulseAudio it converges over the
     # first ~2 s (so it is not usable early); the usability rule is unit-tested above
     adc = np.array([s.meta["adc_time_ns"] for s in ss])
