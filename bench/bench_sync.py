@@ -33,6 +33,7 @@ bucket holds its cap. The uploader runs with the ``[sync]`` defaults (``window =
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import os
@@ -383,10 +384,8 @@ class _SlowLink:
 
     def close(self) -> None:
         for s in self._socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
 
     def _accept(self) -> None:
         while True:

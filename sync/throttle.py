@@ -181,7 +181,8 @@ class AutoWindow:
                           self.max)
 
     def on_send(self, end_offset: int) -> None:
-        pass
+        """Nothing to learn from a send: the window follows ``path``, which acks and
+        pings feed."""
 
     def on_ack(self, offset: int) -> None:
         if offset > self._acked:
