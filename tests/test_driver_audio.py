@@ -173,6 +173,7 @@ def test_lists_portaudio_inputs_and_pulse_sources(pa):
     assert any(d["api"] == "ALSA" for d in devs)  # PortAudio's side (pulse/default)
 
 
+@pytest.mark.realtime
 def test_records_the_emulator_with_consistent_counts_and_clapper_timing(pa, tmp_path):
     drv = _mic(pa)
     drv.open()
@@ -200,10 +201,13 @@ def test_records_the_emulator_with_consistent_counts_and_clapper_timing(pa, tmp_
     delay = [s.host_rx_ns - s.seq * 1_000_000_000 // RATE for s in ss[20:]]
     early, late = min(delay[:20]), min(delay[-20:])
     assert abs(late - early) * RATE / 1e9 <= 2 * BLOCK, (early, late)
-    # PortAudio's ADC time is there and increasing; on PulseAudio it converges over the
-    # first ~2 s (so it is not usable early); the usability rule is unit-tested above
+    # PortAudio's ADC time is there and advances a block per block; on PulseAudio it is
+    # wall-clock time that converges over the first ~2 s (so it is not usable early) and a
+    # host stall can step it back once: the usability rule is unit-tested above
     adc = np.array([s.meta["adc_time_ns"] for s in ss])
-    assert np.all(np.diff(adc[len(adc) // 2:]) > 0)
+    step = np.diff(adc[len(adc) // 2:])
+    assert np.count_nonzero(step > 0) >= 0.95 * len(step)
+    assert np.median(step) == pytest.approx(BLOCK * 1e9 / RATE, rel=0.05)
     assert not any(s.meta["adc_usable"] for s in ss[:50])
     res = (adc - np.array([s.seq for s in ss]) * 1e9 / RATE) / 1e6
     late = res[-100:]
@@ -239,6 +243,7 @@ def test_records_the_emulator_with_consistent_counts_and_clapper_timing(pa, tmp_
     assert -30 < offset < 250
 
 
+@pytest.mark.realtime
 def test_silence_and_clip_faults_are_visible_in_the_data(pa, tmp_path):
     drv = _mic(pa)
     drv.open()
@@ -263,6 +268,7 @@ def test_silence_and_clip_faults_are_visible_in_the_data(pa, tmp_path):
     assert emu.sent["silenced_samples"] == pytest.approx(0.4 * RATE, abs=BLOCK)
 
 
+@pytest.mark.realtime
 def test_survives_the_mic_being_unplugged_and_the_server_restarting(pa, tmp_path):
     drv = _mic(pa, reconnect_min_ms=50, reconnect_max_ms=400)
     drv.open()

@@ -72,7 +72,7 @@ def _record(sd, seconds: float, during=None) -> tuple[np.ndarray, int]:
         blocks.append(indata[:, 0].copy())
 
     with sd.InputStream(device="pulse", samplerate=RATE, channels=1, dtype="int16",
-                        blocksize=480, callback=cb):
+                        blocksize=480, latency=0.3, callback=cb):
         t_end = time.monotonic() + seconds
         if during is not None:
             during()
@@ -83,7 +83,7 @@ def _record(sd, seconds: float, during=None) -> tuple[np.ndarray, int]:
 
 def _play(pa: PulseServer, x: np.ndarray) -> subprocess.Popen:
     p = subprocess.Popen(["pacat", "--playback", "--raw", "--format=s16le", f"--rate={RATE}",
-                          "--channels=1", f"--device={pa.sink}", "--latency-msec=50"],
+                          "--channels=1", f"--device={pa.sink}", "--latency-msec=300"],
                          stdin=subprocess.PIPE, env={**os.environ, **pa.env})
     assert p.stdin is not None
     p.stdin.write(sounds.to_s16(x).tobytes())
@@ -123,6 +123,7 @@ def test_private_server_stops_even_when_the_body_fails():
     srv.stop()  # idempotent
 
 
+@pytest.mark.realtime
 def test_mic_is_a_bit_exact_copy_of_the_monitor_and_can_be_unplugged(pa):
     def rec(dev: str) -> subprocess.Popen:
         return subprocess.Popen(["parec", "--raw", "--format=s16le", f"--rate={RATE}",
@@ -191,6 +192,7 @@ def test_speech_is_synthesised_once_and_cached(tmp_path: Path):
 
 
 # -- recording from the null sink (acceptance) ----------------------------------------
+@pytest.mark.realtime
 def test_sounddevice_records_a_tone_from_the_null_sink(pa, recorder):
     tone = sounds.tone(1000.0, 1.2, RATE, 0.5)
     procs: list[subprocess.Popen] = []
@@ -202,6 +204,7 @@ def test_sounddevice_records_a_tone_from_the_null_sink(pa, recorder):
     assert _peak_hz(seg) == pytest.approx(1000.0, abs=4)
 
 
+@pytest.mark.realtime
 def test_sounddevice_records_speech_from_the_null_sink(pa, recorder, tmp_path):
     if subprocess.run(["which", "espeak-ng"], capture_output=True).returncode:
         pytest.skip("espeak-ng not installed")
@@ -264,6 +267,7 @@ def test_emulator_dropout_and_clip_faults_shape_the_samples(tmp_path):
     again.stop()
 
 
+@pytest.mark.realtime
 def test_emulator_plays_events_on_schedule_with_truth(pa, recorder, tmp_path):
     from hil.emulators.audio import AudioEmulator
 
@@ -321,6 +325,7 @@ def test_emulator_plays_events_on_schedule_with_truth(pa, recorder, tmp_path):
     assert np.count_nonzero(x[si - 9600: si - 4800]) > 4000  # background noise elsewhere
 
 
+@pytest.mark.realtime
 def test_emulator_disconnect_fault_unplugs_the_mic(pa, tmp_path):
     from hil.emulators.audio import AudioEmulator
 
