@@ -502,7 +502,9 @@ class ClockEstimator:
             s = max(-self._max_skew, min(self._max_skew, s))
             sig = 1.0 / math.sqrt(w_lp + w0)
         else:
-            s, sig = s0, sp
+            # no oscillator is further off than the nominal spread, however old the prior
+            # (a device clock counting from the unix epoch ages it by decades)
+            s, sig = s0, min(sp, _SKEW_SPREAD)
         a = min(y - s * x for x, y in hull)  # the line at that skew touching the envelope
         self._line = (self._hxa, self._hya, a, s)
         self._fit_a = a

@@ -99,6 +99,22 @@ def test_epoch_offsets_lose_no_precision():
     assert np.max(np.abs(err[100:])) <= 2
 
 
+def test_acquisition_uncertainty_does_not_depend_on_where_the_device_clock_counts_from():
+    # a GPS or PTP device clock counts from the unix epoch: the uncertainty stated for its
+    # first seconds is that of a clock counting from boot (the skew is never less known
+    # than the nominal ±200 ppm), and it covers the error (while acquiring: mostly)
+    out = []
+    for offset in (0, 1_790_000_000 * 10**9):
+        true, dev, rx = simulate(10, 12, ppm=60.0, offset_ns=offset, seed=5)
+        err, states, unc = run(ClockEstimator(), true, dev, rx)
+        out.append((err, unc))
+    (e0, u0), (e1, u1) = out
+    assert u0[:25] == u1[:25]  # before the skew is fitted from the data
+    assert max(u1[1:]) < 20_000_000
+    covered = [abs(int(e)) <= u for e, u in zip(e1[1:], u1[1:])]
+    assert sum(covered) >= 0.9 * len(covered)
+
+
 def test_envelope_beats_least_squares_on_one_sided_delay():
     true, dev, rx = simulate(30, 90, ppm=80.0, offset_ns=3 * 3600 * 10**9, seed=7)
     err, _, _ = run(ClockEstimator(), true, dev, rx)
