@@ -63,6 +63,11 @@ class QualityThresholds:
     dropout_run: int = 96
     dropout_warn: float = 0.01  # share of blocks with a dropout: warn / fail
     dropout_fail: float = 0.1
+    # a stream's first acquisition after start-up (never locked yet, no jump) is ok while
+    # its stated uncertainty is within this: half a 30 fps frame, so every sample still
+    # pairs with the right frame of another stream; later acquisitions (after a jump or a
+    # device restart) always warn
+    alignment_warmup_ns: int = 16_000_000
 
 
 @dataclass
@@ -117,6 +122,7 @@ class QualityMonitor:
         self._acc: dict[str, dict[str, _StreamQ]] = {}
         self._first_t: dict[str, int] = {}
         self._sharp: dict[str, deque[float]] = {}  # per camera, across segments
+        self._locked_once: set[str] = set()  # streams whose clock has locked this session
         self._checks: queue.Queue[tuple[_StreamQ, Any]] = queue.Queue(maxsize=2)
         self._checker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -294,12 +300,20 @@ class QualityMonitor:
             if name not in self.required:
                 continue
             state = str(q.get("state") or "unlocked")
-            # locked or exact: ok; acquiring, arrival-time only or unlocked: warn
-            v = "ok" if state in ("locked", "device=timebase") else "warn"
-            al[name] = {"source": q.get("source"), "state": state,
-                        "uncertainty_ns": q.get("uncertainty_ns"),
+            unc = q.get("uncertainty_ns")
+            # locked or exact: ok; the start-up acquisition within alignment_warmup_ns: ok
+            # (said as warmup); any other acquiring, arrival-time only or unlocked: warn
+            warmup = (state == "acquiring" and name not in self._locked_once
+                      and not q.get("jumps") and unc is not None
+                      and unc <= th.alignment_warmup_ns)
+            if state in ("locked", "device=timebase"):
+                self._locked_once.add(name)
+            v = "ok" if state in ("locked", "device=timebase") or warmup else "warn"
+            al[name] = {"source": q.get("source"), "state": state, "uncertainty_ns": unc,
                         "jitter_ns": q.get("jitter_ns"), "jumps": q.get("jumps", 0),
                         "verdict": v}
+            if warmup:
+                al[name]["warmup"] = True
             worst = max(worst, v, key=_rank)
         checks["alignment"] = {"streams": al, "verdict": worst if al else "n/a"}
         # noise, per modality

@@ -158,3 +158,31 @@ def test_standing_still_is_reported_not_flagged() -> None:
     rep = run(still=True)
     assert rep["checks"]["near_duplicates"]["streams"]["/gps"]["standing_still_share"] == 1.0
     assert rep["flags"] == []
+
+
+def test_start_up_acquisition_is_warmup_but_a_later_one_warns() -> None:
+    qm = QualityMonitor({"/gps": INFOS["/gps"]}, {"consent_status": "obtained"})
+
+    def seg(k: int, **clock) -> dict:
+        t = k * 10 * S
+        for i in range(100):
+            qm.observe(f"s{k}", Sample("/gps", {"lat": 1.0, "lon": 2.0, "fix_quality": 1,
+                                                "hdop": 0.9, "speed_mps": 8.0},
+                                       t + i * S // 10, t_ns=t + i * S // 10))
+        q = {"source": "estimator", "jumps": 0, **clock}
+        rep = qm.report(f"s{k}", (t, t + 10 * S - S // 10), {"/gps": {"messages": 100}},
+                        {"/gps": q})
+        return rep["checks"]["alignment"]["streams"]["/gps"] | {"flags": rep["flags"]}
+
+    # the first seconds: acquiring within half a frame is warm-up, beyond it is not
+    wide = seg(0, state="acquiring", uncertainty_ns=40_000_000)
+    assert wide["verdict"] == "warn" and "alignment:/gps" in wide["flags"]
+    warm = seg(1, state="acquiring", uncertainty_ns=5_000_000)
+    assert warm["verdict"] == "ok" and warm["warmup"] and warm["flags"] == []
+    jumped = seg(2, state="acquiring", uncertainty_ns=5_000_000, jumps=1)
+    assert jumped["verdict"] == "warn" and "warmup" not in jumped
+    assert seg(3, state="locked", uncertainty_ns=1_000)["verdict"] == "ok"
+    # once locked, acquiring again (a device restart) is an event of the data
+    again = seg(4, state="acquiring", uncertainty_ns=5_000_000)
+    assert again["verdict"] == "warn" and "alignment:/gps" in again["flags"]
+    assert seg(5, state="arrival", uncertainty_ns=None)["verdict"] == "warn"
