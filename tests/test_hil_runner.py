@@ -353,13 +353,33 @@ def _hil(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def city_drive(tmp_path_factory):
     """One short city-drive run shared by the end-to-end tests (~19 s wall)."""
-    out = tmp_path_factory.mktemp("hil")
-    t = time.monotonic()
-    r = _hil("run", "city-drive", "--duration", "12", "--out", str(out), "--report",
-             str(out / "report.json"))
-    wall = time.monotonic() - t
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp("hil")
+        t = time.monotonic()
+        r = _hil("run", "city-drive", "--duration", "12", "--out", str(out), "--report",
+                 str(out / "report.json"))
+        wall = time.monotonic() - t
+        stalled = _host_stalled(out / "report.json")
+        if r.returncode == 0 or not stalled or attempt:
+            break
+        # the emulators could not keep time: the host stalled, the run says nothing of the
+        # agent; one more run (a stall twice in a row fails as it is)
+        print(f"city-drive run {attempt + 1}: the host stalled ({stalled}); running again")
+        shutil.rmtree(out, ignore_errors=True)
     yield r, out, wall
     shutil.rmtree(out, ignore_errors=True)
+
+
+def _host_stalled(report: Path) -> str:
+    """Why the run's emulators fell behind (a shortfall of the host, recorded in their
+    truth as withheld frames/scans), or '' when they kept time."""
+    try:
+        streams = json.loads(report.read_text())["streams"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    late = {d: f"{row['withheld']}/{row['truth']} withheld" for d, row in streams.items()
+            if row.get("truth") and row.get("withheld", 0) > 0.1 * row["truth"]}
+    return ", ".join(f"{d} {v}" for d, v in late.items())
 
 
 def test_city_drive_runs_and_passes(city_drive):
