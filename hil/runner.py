@@ -8,7 +8,8 @@ Sequence (``run``)::
 
     World(scenario) ─▶ emulators constructed with run_t0_ns = now + start_delay_s
       ─▶ emulators started (ports bound, pty made, sound server up; each begins sending
-         at t = 0 or at "now" if it was slow to start)
+         at t = 0 or at "now" if it was slow to start); camera and LiDAR each in a
+         process of its own (``emulators/isolated.py``), GPS and microphone in this one
       ─▶ examples/hil-rig.toml rendered into run_dir/rig.toml (their URIs, ports, paths)
       ─▶ agent: ``python -m agent.cli record -c rig.toml -o run_dir/recordings -d … -q``
          in its own process (its own GIL: the emulators' timing stays honest on 2 cores),
@@ -49,6 +50,7 @@ from typing import Any, Callable
 
 from agent.errors import EdgecapError
 
+from .emulators.isolated import Isolated, IsolatedError
 from .scenario import Scenario
 from .world import World
 
@@ -331,13 +333,13 @@ class HilRun:
         self.run_t0_ns = time.monotonic_ns() + int(self.opts.start_delay_s * 1e9)
         d = self.sc.devices
         for dev in self.devices:
+            # camera and LiDAR render in processes of their own (hil/emulators/isolated.py)
             if dev == "camera":
-                from .emulators.camera import CameraEmulator
-                emu = CameraEmulator(self.world, d.camera, self.run_dir, self.run_t0_ns)
+                emu = Isolated("camera", self.sc, d.camera, self.run_dir, self.run_t0_ns,
+                               attrs=("fps", "opts", "calibration"))
             elif dev == "lidar":
-                from .emulators.lidar import LidarEmulator
-                emu = LidarEmulator(self.world, d.lidar, self.run_dir, self.run_t0_ns,
-                                    dest_port=free_udp_port())
+                emu = Isolated("lidar", self.sc, d.lidar, self.run_dir, self.run_t0_ns,
+                               attrs=("metadata_path", "dest"), dest_port=free_udp_port())
             elif dev == "gps":
                 from .emulators.gps import GpsEmulator
                 emu = GpsEmulator(self.world, d.gps, self.run_dir, self.run_t0_ns)
@@ -347,7 +349,10 @@ class HilRun:
                                     pulse=self.pulse)
             self.emulators[dev] = emu
             t = time.monotonic()
-            emu.start()
+            try:
+                emu.start()
+            except IsolatedError as e:
+                raise HilError(str(e)) from None
             log.debug("%s emulator started in %.2f s", dev, time.monotonic() - t)
         late = (time.monotonic_ns() - self.run_t0_ns) / 1e9
         if late > 0:

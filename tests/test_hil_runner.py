@@ -216,7 +216,7 @@ def test_every_shipped_scenario_loads_with_known_assertions():
 
 # -- cleanup contract ----------------------------------------------------------------------
 def _emulator_ports(run: HilRun) -> tuple[int, int | None]:
-    cam = run.emulators["camera"].port
+    cam = int(run.emulators["camera"].uri.rsplit(":", 1)[1].split("/")[0])
     li = run.emulators.get("lidar")
     return cam, (li.dest[1] if li is not None else None)
 
