@@ -28,6 +28,7 @@ import datetime as _dt
 import errno
 import math
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,13 +68,28 @@ class Epoch:
     utc_ns: int | None = None
 
 
+#: fields a timed sentence has at least (NMEA 0183 2.x; later versions append more)
+MIN_FIELDS = {"GGA": 14, "RMC": 11, "ZDA": 6}
+_TIME_FIELD = re.compile(r"\d{6}(\.\d+)?")
+
+
 def parse_sentence(line: bytes) -> Any | None:
     """One framed line (``$…\\n``) → a pynmeagps message, or None when it fails its
-    checksum or cannot be parsed. Never raises."""
+    checksum, cannot be parsed, or is a timed sentence (GGA/RMC/ZDA) with too few fields or
+    a time field that is not ``hhmmss[.ss]``: the 8-bit XOR checksum lets two sentences
+    spliced by a lost run of bytes pass now and then, and such a splice must not become a
+    fix at a wrong time. Never raises."""
     try:
-        return NMEAReader.parse(line, validate=VALCKSUM)
+        msg = NMEAReader.parse(line, validate=VALCKSUM)
     except Exception:
         return None
+    mid = getattr(msg, "msgID", "")
+    if mid in MIN_FIELDS:
+        payload = getattr(msg, "payload", None) or []
+        if len(payload) < MIN_FIELDS[mid] or (
+                payload[0] and not _TIME_FIELD.fullmatch(str(payload[0]))):
+            return None
+    return msg
 
 
 def _tod_ns(t: Any) -> int | None:

@@ -20,7 +20,7 @@ from agent.errors import DriverError
 from drivers import registry
 from drivers.base import Counters
 from drivers.gps import (NmeaDecoder, NmeaGps, NmeaGpsOptions, decode_bytes,
-                         parse_serial_uri)
+                         parse_sentence, parse_serial_uri)
 from drivers.pps import (NS, PPS_FDATA, PPS_FETCH, EmulatedPps, LinuxPps, SerialDcdPps,
                          open_pps, pack_pps_fdata, unpack_pps_fdata)
 from hil.emulators.gps import GpsEmulator
@@ -396,6 +396,16 @@ def test_garbage_between_sentences_is_counted_exactly(parts, tail, chunk):
     assert c["sentences"] == len(parts)
     assert c["garbage_bytes"] == sum(len(g) for g, _ in parts) + len(tail)
     assert c["corrupt"] == 0
+
+
+def test_a_splice_that_passes_the_checksum_is_not_a_fix():
+    # "$GPZDA,12" + "3519.00,23,03,1994,00,00*6C" read as "$GPRMC,3519.00,…*6C": the XOR
+    # checksum of "GPZDA,12" equals that of "GPRMC," — a lost run of bytes made a sentence
+    # that passes its checksum; its fields (6 for an RMC, time "3519.00") give it away
+    assert parse_sentence(b"$GPRMC,3519.00,23,03,1994,00,00*6C\r\n") is None
+    stream = b"".join(VALID) * 3
+    eps, c = decode_bytes(stream[:193] + stream[343:], chunk=1)
+    assert all(e.utc_ns == 764426119 * NS for e in eps) and c["corrupt"] >= 1
 
 
 @settings(max_examples=100, deadline=None)
