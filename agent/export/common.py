@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,8 +248,7 @@ def stored_points(ref: MessageRef, fd: int, mapped: Any) -> np.ndarray | None:
 def label_set(sample: Sample, info: StreamInfo) -> LabelSet | None:
     """Detections of a replayed label sample (ImageAnnotations, SceneUpdate or
     edgecap.AudioLabels), or None for a label encoding we do not read."""
-    from agent.labelers._foxglove import (detections_from_image_annotations,
-                                          detections_from_scene_update)
+    from agent.labelers._foxglove import detections_from_scene_update
 
     p = sample.payload
     params = info.params
@@ -258,9 +258,8 @@ def label_set(sample: Sample, info: StreamInfo) -> LabelSet | None:
     name = type(p).__name__
     if name == "ImageAnnotations":
         head = {kv.key: kv.value for kv in p.metadata}
-        dets = [d for d in detections_from_image_annotations(p, sample.t_ns) if d.get("box")]
-        return LabelSet(info.name, head.get("labeler", labeler), _model_of(head, model), dets,
-                        sample.t_ns)
+        return LabelSet(info.name, head.get("labeler", labeler), _model_of(head, model),
+                        _image_detections(p, head, sample.t_ns), sample.t_ns)
     if name == "SceneUpdate":
         dets = detections_from_scene_update(p, sample.t_ns)
         head = {kv.key: kv.value for kv in p.entities[0].metadata} if p.entities else {}
@@ -277,6 +276,30 @@ def label_set(sample: Sample, info: StreamInfo) -> LabelSet | None:
                 if isinstance(s, dict)]
         return LabelSet(info.name, str(p.get("labeler", labeler)), model, dets, sample.t_ns)
     return None
+
+
+def _image_detections(msg: Any, head: dict[str, str], t_ns: int) -> list[dict[str, Any]]:
+    """The detections with a box of an ``ImageAnnotations`` message whose metadata is
+    ``head``: what ``detections_from_image_annotations`` gives for them, without its
+    per-annotation metadata dicts (the exporters' label cost is mostly this loop)."""
+    src, kind, t = head.get("source", ""), head.get("labeler", ""), int(t_ns)
+    out = []
+    for pa in msg.points:
+        pts = pa.points
+        if not pts:
+            continue
+        xs = [q.x for q in pts]
+        ys = [q.y for q in pts]
+        cls, score = "", 0.0
+        for kv in pa.metadata:  # the last of a repeated key wins, as in a dict
+            k = kv.key
+            if k == "class":
+                cls = kv.value
+            elif k == "score":
+                score = kv.value
+        out.append({"stream": src, "t_ns": t, "kind": kind, "cls": cls, "score": float(score),
+                    "box": [min(xs), min(ys), max(xs), max(ys)]})
+    return out
 
 
 def _model_of(head: dict[str, str], default: dict[str, str]) -> dict[str, str]:
@@ -516,7 +539,9 @@ class FileWriter:
     releases the GIL while it copies arrays). Called from one thread; it blocks only while
     ``max_pending`` files of bytes or functions (``max_copies`` copies, which hold no
     memory) wait. ``close`` waits for all and raises the first error. ``files``, ``bytes``
-    and ``copied`` (files copied from a segment file) count what was asked for."""
+    and ``copied`` (files copied from a segment file) count what was asked for. Hard links
+    (``link``) to files queued here are made on the writer threads too, each once its
+    file is written."""
 
     #: copy_file_range errors that mean "not here" (old kernel, file system, seccomp)
     _NO_COPY = {errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
@@ -532,6 +557,8 @@ class FileWriter:
         self._sources: dict[Path, int] = {}
         self._last: list[str] = []
         self._links: list[tuple[str, str]] = []
+        self._queued: set[str] = set()  # files queued by write (links wait for them)
+        self._written: set[str] = set()  # and those the writer threads finished
         self._count_lock = threading.Lock()
         self._kernel_copy = hasattr(os, "copy_file_range")
         self.files = 0
@@ -563,6 +590,7 @@ class FileWriter:
             self.bytes += n
         slots.acquire()
         self.files += 1
+        self._queued.add(path)
         self._queue.put((path, data, src, slots))
 
     def _folder_for(self, path: str | Path) -> str:
@@ -576,10 +604,18 @@ class FileWriter:
 
     def link(self, existing: str | Path, path: str | Path) -> None:
         """Make ``path`` a hard link to ``existing``, a file queued here before (same bytes
-        without writing them again; a copy where the file system has no hard links).
-        Done by ``close`` once every file is written."""
-        self._links.append((os.fspath(existing), self._folder_for(path)))
+        without writing them again; a copy where the file system has no hard links): on
+        a writer thread once ``existing`` is written (its folder made there too), or, for
+        a file not queued here, by ``close``."""
+        existing = os.fspath(existing)
         self.files += 1
+        if existing not in self._queued:
+            self._links.append((existing, self._folder_for(path)))
+            return
+        if self._errors:
+            raise self._errors[0]
+        self._copy_slots.acquire()  # holds no memory, like a copy
+        self._queue.put((os.fspath(path), existing, -2, self._copy_slots))
 
     def write_last(self, path: str | Path, data: bytes) -> None:
         """Queue a file that must appear only once every file is written (an index such as
@@ -596,6 +632,9 @@ class FileWriter:
                 return
             path, data, src, slots = item
             try:
+                if src == -2:
+                    self._link_when_written(data, path)
+                    continue
                 if src < 0:
                     if callable(data):
                         data = data()
@@ -605,10 +644,21 @@ class FileWriter:
                         f.write(data)
                 else:
                     self._copy(path, src, data)
+                self._written.add(path)
             except BaseException as e:  # reported by the next write or close
                 self._errors.append(e)
             finally:
                 slots.release()
+
+    def _link_when_written(self, existing: str, path: str) -> None:
+        """A link job: ``existing`` was queued before it, so the other thread is writing
+        it (or it is done); wait for that, unless a write failed (reported by close)."""
+        while existing not in self._written:
+            if self._errors:
+                return
+            time.sleep(0.0002)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _hard_link(existing, path)
 
     def _copy(self, path: str, src: int, ref: MessageRef) -> None:
         dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -645,17 +695,7 @@ class FileWriter:
         if self._errors:
             raise self._errors[0]
         for existing, path in self._links:
-            try:
-                os.link(existing, path)
-            except FileExistsError:
-                os.unlink(path)
-                os.link(existing, path)
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EXDEV):
-                    raise
-                import shutil
-
-                shutil.copyfile(existing, path)
+            _hard_link(existing, path)
         self._links.clear()
         for path in self._last:
             os.replace(path + ".tmp", path)
@@ -666,6 +706,22 @@ class FileWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hard_link(existing: str, path: str) -> None:
+    """``path`` a hard link to ``existing`` (replacing a file there), or a copy where the
+    file system has no hard links."""
+    try:
+        os.link(existing, path)
+    except FileExistsError:
+        os.unlink(path)
+        os.link(existing, path)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        import shutil
+
+        shutil.copyfile(existing, path)
 
 
 def json_bytes(obj: Any) -> bytes:

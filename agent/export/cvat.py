@@ -146,13 +146,13 @@ def export_cvat(uri: str, opts: ExportOptions, pcd_ascii: bool = False) -> dict[
                 files.write(os.path.join(out_s, rel), data)
                 images.append(_image_entry(len(images), rel, size, ev, classes_2d))
                 recent.setdefault(ev.stream, deque(maxlen=8)).append((ev.t_ns, rel, ext, size))
-                _settle(waiting, recent, cam_period, out, ev.t_ns, files)
+                _settle(waiting, recent, cam_period, out_s, ev.t_ns, files)
             elif ev.info.kind == StreamKind.LIDAR and isinstance(ev.sample.payload, np.ndarray):
-                item = _scan(ev, out, pcd_ascii, classes_3d, files)
+                item = _scan(ev, out_s, pcd_ascii, classes_3d, files)
                 items3d.append(item)
                 waiting.append((ev, item))
-                _settle(waiting, recent, cam_period, out, ev.t_ns, files)
-        _settle(waiting, recent, cam_period, out, None, files)
+                _settle(waiting, recent, cam_period, out_s, ev.t_ns, files)
+        _settle(waiting, recent, cam_period, out_s, None, files)
         bar.close()
         # encoded while the last files are written; renamed once all are
         files.write_last(out / "annotations.xml", _xml_text(
@@ -196,12 +196,12 @@ def _image_entry(idx: int, rel: str, size: tuple[int, int], fr: Frame,
     return {"id": idx, "name": rel, "width": size[0], "height": size[1], "boxes": boxes}
 
 
-def _scan(fr: Frame, out: Path, ascii: bool, classes: set[str],
+def _scan(fr: Frame, out: str, ascii: bool, classes: set[str],
           files: FileWriter) -> dict[str, Any]:
     name = f"{slug(fr.stream)}_{fr.t_ns}"
-    path = out / "pointcloud" / "pointcloud" / f"{name}.pcd"
+    path = os.path.join(out, "pointcloud", "pointcloud", f"{name}.pcd")
     if ascii:
-        write_pcd(path, fr.sample.payload, ascii=True)
+        write_pcd(Path(path), fr.sample.payload, ascii=True)
     else:  # gathered on a writer thread
         files.write(path, functools.partial(pcd_bytes, fr.sample.payload))
     anns = []
@@ -225,7 +225,7 @@ def _scan(fr: Frame, out: Path, ascii: bool, classes: set[str],
 
 def _settle(waiting: deque[tuple[Frame, dict[str, Any]]],
             recent: dict[str, deque[tuple[int, str, str, tuple[int, int]]]],
-            period: dict[str, int], out: Path, now_ns: int | None, files: FileWriter) -> None:
+            period: dict[str, int], out: str, now_ns: int | None, files: FileWriter) -> None:
     """Give each waiting scan the nearest frame of every camera once no nearer frame can
     come (time moved half a camera period past the scan, or the end)."""
     horizon = max(period.values(), default=0)
@@ -238,7 +238,8 @@ def _settle(waiting: deque[tuple[Frame, dict[str, Any]]],
                 continue
             t, image_rel, ext, size = best
             rel = f"related_images/{item['id']}_pcd/{slug(cam)}{ext}"
-            files.link(out / image_rel, out / "pointcloud" / rel)
+            # the path the image was queued under: linked once it is written
+            files.link(os.path.join(out, image_rel), os.path.join(out, "pointcloud", rel))
             related.append({"path": rel, "size": [size[1], size[0]], "stream": cam, "t_ns": t})
         if related:
             item["related_images"] = related

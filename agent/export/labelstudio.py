@@ -177,26 +177,34 @@ def _image_task(fr: Frame, out: str, url_prefix: str, classes: set[str],
     preds = []
     for ls in fr.labels:
         results = []
+        add = results.append
         prefix = f"{slug(ls.stream)}-{fr.t_ns}-"
         for i, d in enumerate(ls.detections):
             box = d.get("box")
             if not box:
                 continue
             x0, y0, x1, y1 = map(float, box)
-            x0, x1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
-            y0, y1 = min(max(y0, 0.0), h), min(max(y1, 0.0), h)
+            # clipped to the image: min(max(v, 0.0), w), NaN kept as those would
+            x0 = 0.0 if x0 < 0.0 else x0
+            x0 = w if w < x0 else x0
+            x1 = 0.0 if x1 < 0.0 else x1
+            x1 = w if w < x1 else x1
+            y0 = 0.0 if y0 < 0.0 else y0
+            y0 = h if h < y0 else y0
+            y1 = 0.0 if y1 < 0.0 else y1
+            y1 = h if h < y1 else y1
             if x1 <= x0 or y1 <= y0:
                 continue
-            classes.add(d["cls"])
-            results.append({
-                "id": f"{prefix}{i}", "type": "rectanglelabels",
-                "from_name": "label", "to_name": "image",
-                "original_width": w, "original_height": h, "image_rotation": 0,
-                "score": round(float(d["score"]), 4),
-                "value": {"x": round(100 * x0 / w, 4), "y": round(100 * y0 / h, 4),
-                          "width": round(100 * (x1 - x0) / w, 4),
-                          "height": round(100 * (y1 - y0) / h, 4), "rotation": 0,
-                          "rectanglelabels": [d["cls"]]}})
+            cls = d["cls"]
+            classes.add(cls)
+            add({"id": f"{prefix}{i}", "type": "rectanglelabels",
+                 "from_name": "label", "to_name": "image",
+                 "original_width": w, "original_height": h, "image_rotation": 0,
+                 "score": round(float(d["score"]), 4),
+                 "value": {"x": round(100 * x0 / w, 4), "y": round(100 * y0 / h, 4),
+                           "width": round(100 * (x1 - x0) / w, 4),
+                           "height": round(100 * (y1 - y0) / h, 4), "rotation": 0,
+                           "rectanglelabels": [cls]}})
         preds.append(_prediction(ls, results))
     return {"data": {"image": url_prefix + rel, "stream": fr.stream, "t_ns": fr.t_ns,
                      "seq": fr.sample.seq}, "predictions": preds}
