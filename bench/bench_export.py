@@ -26,7 +26,9 @@ export and floor writes a fresh folder after ``os.sync()``, and nothing is delet
 the end: on this machine's ext4 (no journal) creating files within a minute of deleting
 thousands is ~3× slower (the inode allocator skips recently freed inodes), which made the
 earlier figures depend on what the previous measurement had deleted. A run that starts
-within a minute of the last one's clean-up waits that minute out.
+within a minute of the last one's clean-up waits that minute out. The 1× pacing figure
+runs its reading thread with SCHED_FIFO; the exports after it run with the scheduling
+and GIL switch interval the bench started with, as ``edgecap export`` does.
 """
 
 from __future__ import annotations
@@ -268,8 +270,9 @@ def _paced(session: Path, rate: float, seconds: float, realtime: bool) -> tuple[
                                                            realtime=realtime))
     drv.open()
     pts: dict[str, list[tuple[int, int]]] = {}
-    for s in drv:
-        pts.setdefault(s.stream, []).append((s.t_ns, time.monotonic_ns()))
+    with _SchedulingRestored():
+        for s in drv:
+            pts.setdefault(s.stream, []).append((s.t_ns, time.monotonic_ns()))
     rates = {}
     for name, xy in pts.items():
         if len(xy) > 2:
@@ -277,6 +280,34 @@ def _paced(session: Path, rate: float, seconds: float, realtime: bool) -> tuple[
             slope = np.polyfit(a[:, 0] - a[0, 0], a[:, 1] - a[0, 1], 1)[0]
             rates[name] = float(1.0 / slope)
     return drv.jitter(), rates
+
+
+class _SchedulingRestored:
+    """Pacing with ``realtime`` gives the iterating (this) thread SCHED_FIFO and lowers
+    the interpreter's switch interval for the rest of the process; both are put back on
+    exit, so the export figures measured afterwards run as ``edgecap export`` does
+    (normal scheduling, the niceness the bench was started with), not as a realtime
+    thread that also preempts everything else on the machine."""
+
+    def __enter__(self) -> "_SchedulingRestored":
+        import sys
+
+        self._interval = sys.getswitchinterval()
+        try:
+            self._policy = os.sched_getscheduler(0), os.sched_getparam(0)
+        except (AttributeError, OSError):
+            self._policy = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import sys
+
+        sys.setswitchinterval(self._interval)
+        if self._policy is not None:
+            try:
+                os.sched_setscheduler(0, *self._policy)
+            except OSError:
+                pass
 
 
 class _Steal:
