@@ -158,19 +158,58 @@ def test_kernel_copy_unavailable_falls_back_to_read_and_write(plain, tmp_path,
         raise OSError(errno.ENOSYS, "copy_file_range not here")
 
     monkeypatch.setattr(os, "copy_file_range", no_copy, raising=False)
+    # copies on this process's threads, where the patch applies (the copy helper process
+    # runs the same copy_range, see test_copy_range_without_kernel_copy)
+    monkeypatch.setattr(FileWriter, "copier_process", False)
     res = export(str(plain.session_dir), "coco", ExportOptions(out_dir=tmp_path,
                                                                progress=False))
     assert _exported(tmp_path) == _recorded(plain) and res["images_copied"] > 0
     assert 1 <= len(calls) <= 2  # once per writer thread, then plain copies
 
 
-def test_truncated_segment_is_a_clear_error(tmp_path) -> None:
+def test_copy_range_without_kernel_copy(tmp_path) -> None:
+    from agent.export import _copier
+
+    src = tmp_path / "seg.bin"
+    src.write_bytes(bytes(range(256)) * 40)
+    state = _copier.CopyState()
+    state.kernel_copy = False
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        _copier.copy_range(fd, str(src), str(tmp_path / "out.bin"), 300, 5000, state)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()[300:5300]
+
+
+@pytest.mark.parametrize("process", [True, False])
+def test_truncated_segment_is_a_clear_error(tmp_path, monkeypatch, process) -> None:
+    monkeypatch.setattr(FileWriter, "copier_process", process)
     src = tmp_path / "seg.bin"
     src.write_bytes(b"x" * 100)
     w = FileWriter()
     w.write(tmp_path / "out" / "a.jpg", MessageRef(src, 50, 80))
     with pytest.raises(BundleError, match="truncated"):
         w.close()
+
+
+@pytest.mark.parametrize("process", [True, False])
+def test_copies_and_links_in_either_writer(tmp_path, monkeypatch, process) -> None:
+    monkeypatch.setattr(FileWriter, "copier_process", process)
+    src = tmp_path / "seg.bin"
+    src.write_bytes(os.urandom(300_000))
+    with FileWriter() as w:
+        for k in range(20):
+            w.write(tmp_path / "out" / f"{k}.jpg", MessageRef(src, 1000 * k, 100_000 + k))
+            w.link(tmp_path / "out" / f"{k}.jpg", tmp_path / "links" / str(k) / "x.jpg")
+        w.write(tmp_path / "out" / "b.bin", b"bytes")
+        w.link(tmp_path / "out" / "b.bin", tmp_path / "links" / "b.bin")
+    for k in range(20):
+        got = (tmp_path / "links" / str(k) / "x.jpg")
+        assert got.read_bytes() == src.read_bytes()[1000 * k:1000 * k + 100_000 + k]
+        assert got.stat().st_ino == (tmp_path / "out" / f"{k}.jpg").stat().st_ino
+    assert (tmp_path / "links" / "b.bin").read_bytes() == b"bytes"
+    assert w.files == 42 and w.copied == 20
 
 
 def _frame(ref: MessageRef) -> Frame:

@@ -26,14 +26,13 @@ mapped segment file instead of two copies of it.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
 import os
 import re
+import sys
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,8 @@ from agent.replay import (NS, MessageRef, ReplaySourceOptions, Record, Session,
                           SessionReader, open_session, select_streams)
 from agent.triggers import Window, merge_windows
 from agent.types import Sample, StreamInfo, StreamKind
+
+from . import _copier
 
 log = logging.getLogger("edgecap.export")
 
@@ -531,31 +532,31 @@ class Progress:
 
 
 class FileWriter:
-    """Writes export files on helper threads (file creation, writes and in-kernel copies
-    release the GIL, so they overlap with reading and decoding). ``write`` takes bytes; a
+    """Writes export files off the exporting thread. ``write`` takes bytes; a
     :class:`MessageRef` whose bytes are copied from the segment file in the kernel
     (``os.copy_file_range``; plain reads and writes where the kernel or file system
     cannot); or a function that makes the bytes, called on a writer thread (numpy
     releases the GIL while it copies arrays). Called from one thread; it blocks only while
     ``max_pending`` files of bytes or functions (``max_copies`` copies, which hold no
     memory) wait. ``close`` waits for all and raises the first error. ``files``, ``bytes``
-    and ``copied`` (files copied from a segment file) count what was asked for. Hard links
-    (``link``) to files queued here are made on the writer threads too, each once its
-    file is written.
+    and ``copied`` (files copied from a segment file) count what was asked for. ``link``
+    makes hard links to files queued here once they are written.
 
-    Every file costs a writer thread a few GIL hand-overs (after ``open``, the copy and
-    ``close``) while the exporting thread runs Python: with the interpreter's default
-    switch interval of 5 ms each can wait that long, which made writing several times
-    slower than the same files written alone. While a writer is open the switch interval
-    is at most 0.2 ms (as for replay's pacing thread); the last ``close`` restores it."""
+    Bytes and functions are written by ``threads`` threads of this process. Copies go to
+    a helper process (:mod:`._copier`, with as many threads; started at the first copy):
+    every file costs a writer thread a few GIL hand-overs (after ``open``, the copy and
+    ``close``), and while the exporting thread decodes each waited up to the switch
+    interval, which made copying several times slower than the same copies alone. Where
+    no process can be started (or with ``copier_process`` False) the threads copy too.
+    While a writer is open the switch interval is at most 0.2 ms (as for replay's pacing
+    thread); the last ``close`` restores it."""
 
+    #: copies in a helper process (see the class doc)
+    copier_process = True
     #: open writers and the switch interval they replaced (process-wide, like the setting)
     _open_writers = 0
     _saved_interval = 0.0
     _interval_lock = threading.Lock()
-
-    #: copy_file_range errors that mean "not here" (old kernel, file system, seccomp)
-    _NO_COPY = {errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
 
     def __init__(self, threads: int = 2, max_pending: int = 64, max_copies: int = 1024):
         import queue
@@ -563,15 +564,19 @@ class FileWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._mem_slots = threading.BoundedSemaphore(max_pending)
         self._copy_slots = threading.BoundedSemaphore(max_copies)
+        self._nthreads = threads
         self._dirs: set[str] = set()
         self._errors: list[BaseException] = []
         self._sources: dict[Path, int] = {}
         self._last: list[str] = []
         self._links: list[tuple[str, str]] = []
-        self._queued: set[str] = set()  # files queued by write (links wait for them)
-        self._written: set[str] = set()  # and those the writer threads finished
+        self._queued: set[str] = set()  # files queued for the threads (links wait for them)
+        self._written: set[str] = set()  # and those the threads finished
         self._count_lock = threading.Lock()
-        self._kernel_copy = hasattr(os, "copy_file_range")
+        self._copy_state = _copier.CopyState()
+        self._proc: Any = None  # the copy helper, once started
+        self._use_process = self.copier_process and bool(sys.executable)
+        self._copied_by_helper: set[str] = set()
         self._switching = False
         self._fast_switching(True)
         self.files = 0
@@ -590,21 +595,60 @@ class FileWriter:
         if self._errors:
             raise self._errors[0]
         if isinstance(data, MessageRef):
+            self.copied += 1
+            self.files += 1
+            with self._count_lock:
+                self.bytes += data.length
+            if self._helper() is not None:
+                self._send(b"c", os.fsencode(data.path), os.fsencode(path),
+                           b"%d" % data.offset, b"%d" % data.length)
+                self._copied_by_helper.add(path)
+                return
             src = self._sources.get(data.path)
             if src is None:
                 src = self._sources[data.path] = os.open(data.path, os.O_RDONLY)
-            slots = self._copy_slots
-            self.copied += 1
-            n = data.length
-        else:
-            src, slots = -1, self._mem_slots
-            n = 0 if callable(data) else len(data)
+            self._copy_slots.acquire()
+            self._queued.add(path)
+            self._queue.put((path, data, src, self._copy_slots))
+            return
         with self._count_lock:
-            self.bytes += n
-        slots.acquire()
+            self.bytes += 0 if callable(data) else len(data)
+        self._mem_slots.acquire()
         self.files += 1
         self._queued.add(path)
-        self._queue.put((path, data, src, slots))
+        self._queue.put((path, data, -1, self._mem_slots))
+
+    def _helper(self) -> Any:
+        """The copy helper process, started on first use; None where it cannot run."""
+        if self._proc is None and self._use_process:
+            import subprocess
+
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", _copier.__file__, str(self._nthreads)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+            except OSError as e:
+                log.debug("export: no copy helper process (%s); copying on threads", e)
+                self._use_process = False
+                return None
+            try:  # room for ~1000 queued copies, as max_copies allows the threads
+                import fcntl
+
+                fcntl.fcntl(self._proc.stdin.fileno(), 1031, 1 << 18)  # F_SETPIPE_SZ
+            except (ImportError, OSError):
+                pass
+        return self._proc
+
+    def _send(self, *fields: bytes) -> None:
+        job = b"\0".join(fields)
+        view = memoryview(len(job).to_bytes(4, "little") + job)
+        try:
+            while view:
+                view = view[self._proc.stdin.write(view):]
+        except BrokenPipeError:
+            self._errors.append(self._helper_failure() or
+                                BundleError("the export's copy process ended early"))
+            raise self._errors[-1] from None
 
     def _folder_for(self, path: str | Path) -> str:
         """``path`` as a string, its parent folder made (once)."""
@@ -617,18 +661,20 @@ class FileWriter:
 
     def link(self, existing: str | Path, path: str | Path) -> None:
         """Make ``path`` a hard link to ``existing``, a file queued here before (same bytes
-        without writing them again; a copy where the file system has no hard links): on
-        a writer thread once ``existing`` is written (its folder made there too), or, for
-        a file not queued here, by ``close``."""
-        existing = os.fspath(existing)
+        without writing them again; a copy where the file system has no hard links): by
+        whoever writes ``existing``, once it is written (its folder made there too), or,
+        for a file not queued here, by ``close``."""
+        existing, path = os.fspath(existing), os.fspath(path)
         self.files += 1
-        if existing not in self._queued:
+        if existing in self._copied_by_helper:
+            self._send(b"l", os.fsencode(existing), os.fsencode(path))
+        elif existing in self._queued:
+            if self._errors:
+                raise self._errors[0]
+            self._copy_slots.acquire()  # holds no memory, like a copy
+            self._queue.put((path, existing, -2, self._copy_slots))
+        else:
             self._links.append((existing, self._folder_for(path)))
-            return
-        if self._errors:
-            raise self._errors[0]
-        self._copy_slots.acquire()  # holds no memory, like a copy
-        self._queue.put((os.fspath(path), existing, -2, self._copy_slots))
 
     def write_last(self, path: str | Path, data: bytes) -> None:
         """Queue a file that must appear only once every file is written (an index such as
@@ -645,8 +691,10 @@ class FileWriter:
                 return
             path, data, src, slots = item
             try:
-                if src == -2:
-                    self._link_when_written(data, path)
+                if src == -2:  # a link: data is the file it links to
+                    if _copier.wait_written(data, self._written, self._errors):
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        _copier.hard_link(data, path)
                     continue
                 if src < 0:
                     if callable(data):
@@ -656,50 +704,39 @@ class FileWriter:
                     with open(path, "wb") as f:
                         f.write(data)
                 else:
-                    self._copy(path, src, data)
+                    _copier.copy_range(src, str(data.path), path, data.offset, data.length,
+                                       self._copy_state)
                 self._written.add(path)
+            except _copier.Truncated as e:
+                self._errors.append(BundleError(str(e)))
             except BaseException as e:  # reported by the next write or close
                 self._errors.append(e)
             finally:
                 slots.release()
 
-    def _link_when_written(self, existing: str, path: str) -> None:
-        """A link job: ``existing`` was queued before it, so the other thread is writing
-        it (or it is done); wait for that, unless a write failed (reported by close)."""
-        while existing not in self._written:
-            if self._errors:
-                return
-            time.sleep(0.0002)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _hard_link(existing, path)
-
-    def _copy(self, path: str, src: int, ref: MessageRef) -> None:
-        dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    def _helper_failure(self) -> BaseException | None:
+        """Wait for the copy helper; the first job it reports failed, as an exception."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
         try:
-            off, left = ref.offset, ref.length
-            while left and self._kernel_copy:
-                try:
-                    n = os.copy_file_range(src, dst, left, off)
-                except OSError as e:
-                    if e.errno not in self._NO_COPY or left != ref.length:
-                        raise
-                    self._kernel_copy = False
-                    break
-                if n == 0:
-                    raise BundleError(f"{ref.path.name} ends before offset {off} "
-                                      "(truncated while exporting?)")
-                off += n
-                left -= n
-            if left:
-                view = memoryview(MessageRef(ref.path, off, left).read(src))
-                while view:
-                    view = view[os.write(dst, view):]
-        finally:
-            os.close(dst)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        out = proc.stdout.read().decode(errors="replace")
+        proc.stdout.close()
+        rc = proc.wait()
+        line = out.split("\n", 1)[0]
+        if line:
+            kind, err, msg, name = (line.split("\0") + ["", "", ""])[:4]
+            if kind == "truncated":
+                return BundleError(msg)
+            return OSError(int(err or 0), msg, name)
+        if rc:
+            return BundleError(f"the export's copy process exited with status {rc}")
+        return None
 
     def _fast_switching(self, on: bool) -> None:
-        import sys
-
         cls = FileWriter
         with cls._interval_lock:
             if on and not self._switching:
@@ -718,6 +755,9 @@ class FileWriter:
             self._queue.put(None)
         for t in self._threads:
             t.join()
+        failed = self._helper_failure()
+        if failed is not None:
+            self._errors.append(failed)
         self._fast_switching(False)
         for fd in self._sources.values():
             os.close(fd)
@@ -725,7 +765,7 @@ class FileWriter:
         if self._errors:
             raise self._errors[0]
         for existing, path in self._links:
-            _hard_link(existing, path)
+            _copier.hard_link(existing, path)
         self._links.clear()
         for path in self._last:
             os.replace(path + ".tmp", path)
@@ -736,22 +776,6 @@ class FileWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _hard_link(existing: str, path: str) -> None:
-    """``path`` a hard link to ``existing`` (replacing a file there), or a copy where the
-    file system has no hard links."""
-    try:
-        os.link(existing, path)
-    except FileExistsError:
-        os.unlink(path)
-        os.link(existing, path)
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-        import shutil
-
-        shutil.copyfile(existing, path)
 
 
 def json_bytes(obj: Any) -> bytes:
