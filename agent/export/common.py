@@ -289,8 +289,19 @@ def _image_detections(msg: Any, head: dict[str, str], t_ns: int) -> list[dict[st
         pts = pa.points
         if not pts:
             continue
-        xs = [q.x for q in pts]
-        ys = [q.y for q in pts]
+        q = pts[0]
+        x0 = x1 = q.x
+        y0 = y1 = q.y
+        for q in pts:  # min() and max() of the coordinates (NaN as they treat it)
+            x, y = q.x, q.y
+            if x < x0:
+                x0 = x
+            if x > x1:
+                x1 = x
+            if y < y0:
+                y0 = y
+            if y > y1:
+                y1 = y
         cls, score = "", 0.0
         for kv in pa.metadata:  # the last of a repeated key wins, as in a dict
             k = kv.key
@@ -299,7 +310,7 @@ def _image_detections(msg: Any, head: dict[str, str], t_ns: int) -> list[dict[st
             elif k == "score":
                 score = kv.value
         out.append({"stream": src, "t_ns": t, "kind": kind, "cls": cls, "score": float(score),
-                    "box": [min(xs), min(ys), max(xs), max(ys)]})
+                    "box": [x0, y0, x1, y1]})
     return out
 
 

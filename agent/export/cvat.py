@@ -29,6 +29,7 @@ import functools
 import math
 import os
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape, quoteattr
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def export_cvat(uri: str, opts: ExportOptions, pcd_ascii: bool = False) -> dict[
     view = SessionView(uri, opts, (StreamKind.CAMERA, StreamKind.LIDAR))
     out = Path(opts.out_dir)
     out_s = str(out)
-    images: list[dict[str, Any]] = []
+    images = _XmlImages()
     classes_2d: set[str] = set()
     classes_3d: set[str] = set()
     items3d: list[dict[str, Any]] = []
@@ -144,7 +145,7 @@ def export_cvat(uri: str, opts: ExportOptions, pcd_ascii: bool = False) -> dict[
                 size = size or (0, 0)
                 rel = f"images/{slug(ev.stream)}/{ev.t_ns}{ext}"
                 files.write(os.path.join(out_s, rel), data)
-                images.append(_image_entry(len(images), rel, size, ev, classes_2d))
+                images.add(rel, size, ev, classes_2d)
                 recent.setdefault(ev.stream, deque(maxlen=8)).append((ev.t_ns, rel, ext, size))
                 _settle(waiting, recent, cam_period, out_s, ev.t_ns, files)
             elif ev.info.kind == StreamKind.LIDAR and isinstance(ev.sample.payload, np.ndarray):
@@ -173,27 +174,54 @@ def export_cvat(uri: str, opts: ExportOptions, pcd_ascii: bool = False) -> dict[
     finally:
         bar.close()
         files.close()
-    return {"format": "cvat", "out": str(out), "images": len(images),
-            "boxes": sum(len(i["boxes"]) for i in images), "pointclouds": len(items3d),
+    return {"format": "cvat", "out": str(out), "images": len(images.parts),
+            "boxes": images.boxes, "pointclouds": len(items3d),
             "cuboids": sum(len(i["annotations"]) for i in items3d),
             "related_images": sum(len(i.get("related_images", [])) for i in items3d),
             "images_copied": files.copied, **view.counts}
 
 
-def _image_entry(idx: int, rel: str, size: tuple[int, int], fr: Frame,
-                 classes: set[str]) -> dict[str, Any]:
-    boxes = []
-    for ls in fr.labels:
-        model = ls.model_version
-        for d in ls.detections:
-            box = d.get("box")
-            if not box:
-                continue
-            classes.add(d["cls"])
-            x0, y0, x1, y1 = map(float, box)
-            boxes.append({"label": d["cls"], "xtl": x0, "ytl": y0, "xbr": x1, "ybr": y1,
-                          "score": float(d["score"]), "model": model})
-    return {"id": idx, "name": rel, "width": size[0], "height": size[1], "boxes": boxes}
+class _XmlImages:
+    """The ``<image>`` elements of the CVAT XML, made as frames come (one pass over the
+    boxes; labels and models, a handful of strings, are escaped once)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.boxes = 0
+        self._quoted: dict[str, str] = {}
+        self._escaped: dict[str, str] = {}
+
+    def add(self, rel: str, size: tuple[int, int], fr: Frame, classes: set[str]) -> None:
+        head = (f"  <image id=\"{len(self.parts)}\" name={quoteattr(rel)} "
+                f"width=\"{size[0]}\" height=\"{size[1]}\"")
+        lines = [head + ">"]
+        for ls in fr.labels:
+            model = self._escaped.get(ls.model_version)
+            if model is None:
+                model = self._escaped[ls.model_version] = escape(ls.model_version)
+            for d in ls.detections:
+                box = d.get("box")
+                if not box:
+                    continue
+                cls = d["cls"]
+                classes.add(cls)
+                lab = self._quoted.get(cls)
+                if lab is None:
+                    lab = self._quoted[cls] = quoteattr(cls)
+                x0, y0, x1, y1 = map(float, box)
+                lines.append(f"    <box label={lab} source=\"auto\" occluded=\"0\" "
+                             f"xtl=\"{x0:.2f}\" ytl=\"{y0:.2f}\" xbr=\"{x1:.2f}\" "
+                             f"ybr=\"{y1:.2f}\" z_order=\"0\">\n"
+                             f"      <attribute name=\"score\">{float(d['score']):.4f}"
+                             "</attribute>\n"
+                             f"      <attribute name=\"model\">{model}</attribute>\n"
+                             "    </box>")
+        if len(lines) == 1:
+            self.parts.append(head + " />")
+            return
+        self.boxes += len(lines) - 1
+        lines.append("  </image>")
+        self.parts.append("\n".join(lines))
 
 
 def _scan(fr: Frame, out: str, ascii: bool, classes: set[str],
@@ -245,13 +273,11 @@ def _settle(waiting: deque[tuple[Frame, dict[str, Any]]],
             item["related_images"] = related
 
 
-def _xml_text(images: list[dict[str, Any]], labels: list[str], name: str) -> str:
+def _xml_text(images: _XmlImages, labels: list[str], name: str) -> str:
     """CVAT for images 1.1 XML (built as text: ElementTree costs ~5× more)."""
-    from xml.sax.saxutils import escape, quoteattr as q
-
     out = ["<?xml version='1.0' encoding='utf-8'?>", "<annotations>",
            "  <version>1.1</version>", "  <meta>", "    <task>",
-           f"      <name>{escape(name)}</name>", f"      <size>{len(images)}</size>",
+           f"      <name>{escape(name)}</name>", f"      <size>{len(images.parts)}</size>",
            "      <mode>annotation</mode>", "      <labels>"]
     for lab in labels:
         out += ["        <label>", f"          <name>{escape(lab)}</name>",
@@ -267,29 +293,7 @@ def _xml_text(images: list[dict[str, Any]], labels: list[str], name: str) -> str
                 "              <default_value />", "              <values />",
                 "            </attribute>", "          </attributes>", "        </label>"]
     out += ["      </labels>", "    </task>", "  </meta>"]
-    # labels and models are a handful of strings: each is escaped once
-    quoted: dict[str, str] = {}
-    escaped: dict[str, str] = {}
-    for img in images:
-        head = (f"  <image id=\"{img['id']}\" name={q(img['name'])} width=\"{img['width']}\" "
-                f"height=\"{img['height']}\"")
-        if not img["boxes"]:
-            out.append(head + " />")
-            continue
-        out.append(head + ">")
-        for b in img["boxes"]:
-            lab = quoted.get(b["label"])
-            if lab is None:
-                lab = quoted[b["label"]] = q(b["label"])
-            model = escaped.get(b["model"])
-            if model is None:
-                model = escaped[b["model"]] = escape(b["model"])
-            out.append(f"    <box label={lab} source=\"auto\" occluded=\"0\" "
-                       f"xtl=\"{b['xtl']:.2f}\" ytl=\"{b['ytl']:.2f}\" xbr=\"{b['xbr']:.2f}\" "
-                       f"ybr=\"{b['ybr']:.2f}\" z_order=\"0\">\n"
-                       f"      <attribute name=\"score\">{b['score']:.4f}</attribute>\n"
-                       f"      <attribute name=\"model\">{model}</attribute>\n    </box>")
-        out.append("  </image>")
+    out += images.parts
     out.append("</annotations>")
     return "\n".join(out) + "\n"
 
