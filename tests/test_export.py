@@ -95,6 +95,38 @@ def test_labelstudio_tasks_validate_and_carry_model_version(session, tmp_path: P
     assert len(validate_tasks(bad)) == 2  # the schema catches what Label Studio rejects
 
 
+@pytest.mark.parametrize("box, score", [
+    ([7.0, 5.0, 33.0, 30.0], 0.8),
+    ([-3.5, 1e-7, 70.0, 47.25], 1 / 3),  # clipped to the image
+    ([float("nan"), 5.0, 33.0, 30.0], 0.5),
+    ([7.0, 5.0, float("inf"), 30.0], float("nan")),
+    ([40.0, 5.0, 33.0, 30.0], 0.5),  # empty after clipping: dropped
+])
+def test_labelstudio_task_text_is_the_json_of_its_dict(box, score) -> None:
+    """Image tasks are written as text without building dicts: they must be what the JSON
+    encoder gives for the same dict (sorted keys, compact; NaN/Infinity as it spells
+    them), so that tasks.json is the same bytes as before."""
+    from agent.export.common import Frame, LabelSet, json_text
+    from agent.export.labelstudio import _image_task
+    from agent.types import Sample, StreamInfo, StreamKind
+    from test_replay_fixture import jpeg
+
+    info = StreamInfo("/camera/x", StreamKind.CAMERA, "jpeg", 10.0)
+    dets = [{"cls": "car", "score": score, "box": box},
+            {"cls": 'a "quoted" é', "score": 0.25, "box": [1, 2, 3, 4]}, {"cls": "x"}]
+    fr = Frame(Sample("/camera/x", jpeg(1, 64, 48), 0, t_ns=T0, seq=3), info,
+               [LabelSet("/labels/x", "camera.yolo", {"name": "m", "version": "1"}, dets,
+                         T0), LabelSet("/labels/y", "l", {}, [], T0)])
+
+    class Files:
+        def write(self, path, data) -> None:
+            pass
+
+    text, n = _image_task(fr, "/out", "/data/", set(), Files())
+    assert n == 2
+    assert text == json_text(json.loads(text))
+
+
 def test_cvat_xml_pcd_and_cuboids(session, tmp_path: Path) -> None:
     import open3d as o3d
 

@@ -791,10 +791,15 @@ class FileWriter:
 
 def json_bytes(obj: Any) -> bytes:
     """Deterministic JSON (sorted keys, compact, one trailing newline) as UTF-8."""
+    return (json_text(obj) + "\n").encode()
+
+
+def json_text(obj: Any) -> str:
+    """:func:`json_bytes` of ``obj`` as text, without the newline."""
     # compact: the C encoder (an indent would fall back to the pure-Python one, ~5× slower);
     # the exporters' documents hold no cycles, so the encoder need not look for them
-    return (json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_default,
-                       check_circular=False) + "\n").encode()
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_default,
+                      check_circular=False)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -21,8 +21,10 @@ speech segments that overlap the clip (clipped to it). Validated against
 
 from __future__ import annotations
 
+import json
 import os
 import wave
+from json.encoder import encode_basestring_ascii as _str
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ import numpy as np
 from agent.types import StreamKind
 
 from .common import (NS, AudioLabel, ExportOptions, FileWriter, Frame, LabelSet, Progress,
-                     SessionView, image_data, json_bytes, slug)
+                     SessionView, image_data, json_text, slug)
 
 _RESULT = {
     "type": "object",
@@ -110,7 +112,8 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
     view = SessionView(uri, opts, (StreamKind.CAMERA, StreamKind.AUDIO))
     out = Path(opts.out_dir)
     out_s = str(out)
-    tasks: list[dict[str, Any]] = []
+    tasks: list[str] = []  # each task as JSON (image tasks are written as text directly)
+    n_img = n_preds = 0
     img_classes: set[str] = set()
     audio_classes: set[str] = set()
     clips: dict[str, _Clip] = {}
@@ -129,7 +132,9 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
                 if t is None:
                     view.counts["decode_errors"] += 1
                 else:
-                    tasks.append(t)
+                    tasks.append(t[0])
+                    n_img += 1
+                    n_preds += t[1]
             elif ev.info.kind == StreamKind.AUDIO and isinstance(ev.sample.payload, np.ndarray):
                 c = clips.get(ev.stream)
                 if c is not None and (ev.t_ns - c.start_ns >= clip_ns or not c.contiguous(ev)):
@@ -145,26 +150,42 @@ def export_labelstudio(uri: str, opts: ExportOptions, url_prefix: str = "",
         bar.close()
         # speech segments are labelled when they end: tasks are built once all are known
         for c in sorted(done, key=lambda c: (c.start_ns, c.stream)):
-            tasks.append(c.task(url_prefix, audio_labels, audio_classes))
+            t = c.task(url_prefix, audio_labels, audio_classes)
+            tasks.append(json_text(t))
+            n_preds += len(t["predictions"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "label_config_image.xml").write_text(IMAGE_CONFIG.format(labels="".join(
             f'    <Label value="{c}"/>\n' for c in sorted(img_classes))))
         (out / "label_config_audio.xml").write_text(AUDIO_CONFIG.format(labels="".join(
             f'    <Label value="{c}"/>\n' for c in sorted(audio_classes or {"speech"}))))
         # encoded while the last images are copied; renamed once all are written
-        files.write_last(out / "tasks.json", json_bytes(tasks))
+        files.write_last(out / "tasks.json", ("[" + ",".join(tasks) + "]\n").encode())
     finally:
         bar.close()
         files.close()
-    n_img = sum(1 for t in tasks if "image" in t["data"])
     return {"format": "labelstudio", "out": str(out), "tasks": len(tasks),
             "image_tasks": n_img, "audio_tasks": len(tasks) - n_img,
-            "predictions": sum(len(t.get("predictions", [])) for t in tasks),
+            "predictions": n_preds,
             "images_copied": files.copied, **view.counts}
 
 
+#: one rectanglelabels result as :func:`json_text` writes its dict (keys sorted)
+_RECT = ('{"from_name":"label","id":%s,"image_rotation":0,"original_height":%d,'
+         '"original_width":%d,"score":%s,"to_name":"image","type":"rectanglelabels",'
+         '"value":{"height":%s,"rectanglelabels":[%s],"rotation":0,"width":%s,"x":%s,'
+         '"y":%s}}')
+
+
+def _json_float(v: float) -> str:
+    """A float as json writes it (NaN and infinities as JavaScript spells them)."""
+    return json.dumps(v)
+
+
 def _image_task(fr: Frame, out: str, url_prefix: str, classes: set[str],
-                files: FileWriter) -> dict[str, Any] | None:
+                files: FileWriter) -> tuple[str, int] | None:
+    """The frame's image task as JSON text (what :func:`json_text` gives for its dict,
+    without building the dict: the results are most of Label Studio's export time) and
+    its number of predictions."""
     got = image_data(fr)
     if got is None:
         return None
@@ -177,7 +198,7 @@ def _image_task(fr: Frame, out: str, url_prefix: str, classes: set[str],
     preds = []
     for ls in fr.labels:
         results = []
-        add = results.append
+        scores = []
         prefix = f"{slug(ls.stream)}-{fr.t_ns}-"
         for i, d in enumerate(ls.detections):
             box = d.get("box")
@@ -197,17 +218,20 @@ def _image_task(fr: Frame, out: str, url_prefix: str, classes: set[str],
                 continue
             cls = d["cls"]
             classes.add(cls)
-            add({"id": f"{prefix}{i}", "type": "rectanglelabels",
-                 "from_name": "label", "to_name": "image",
-                 "original_width": w, "original_height": h, "image_rotation": 0,
-                 "score": round(float(d["score"]), 4),
-                 "value": {"x": round(100 * x0 / w, 4), "y": round(100 * y0 / h, 4),
-                           "width": round(100 * (x1 - x0) / w, 4),
-                           "height": round(100 * (y1 - y0) / h, 4), "rotation": 0,
-                           "rectanglelabels": [cls]}})
-        preds.append(_prediction(ls, results))
-    return {"data": {"image": url_prefix + rel, "stream": fr.stream, "t_ns": fr.t_ns,
-                     "seq": fr.sample.seq}, "predictions": preds}
+            score = round(float(d["score"]), 4)
+            x, y = round(100 * x0 / w, 4), round(100 * y0 / h, 4)
+            bw, bh = round(100 * (x1 - x0) / w, 4), round(100 * (y1 - y0) / h, 4)
+            scores.append(score)
+            total = score + x + y + bw + bh
+            num = repr if total - total == 0.0 else _json_float  # all finite: repr
+            results.append(_RECT % (_str(f"{prefix}{i}"), h, w, num(score), num(bh),
+                                    _str(cls), num(bw), num(x), num(y)))
+        mean = round(sum(scores) / len(scores), 4) if scores else 0.0
+        preds.append('{"model_version":%s,"result":[%s],"score":%s}'
+                     % (_str(ls.model_version), ",".join(results), _json_float(mean)))
+    return ('{"data":{"image":%s,"seq":%s,"stream":%s,"t_ns":%d},"predictions":[%s]}'
+            % (_str(url_prefix + rel), json_text(fr.sample.seq), _str(fr.stream), fr.t_ns,
+               ",".join(preds))), len(preds)
 
 
 def _prediction(ls: LabelSet, results: list[dict[str, Any]]) -> dict[str, Any]:
