@@ -21,7 +21,6 @@ import errno
 import os
 import sys
 import threading
-import time
 
 #: copy_file_range errors that mean "not here" (old kernel, file system, seccomp)
 NO_COPY = {errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
@@ -91,14 +90,35 @@ def hard_link(existing: str, path: str) -> None:
         shutil.copyfile(existing, path)
 
 
-def wait_written(existing: str, written: set[str], failed: list) -> bool:
-    """Wait until ``existing`` is in ``written`` (another thread is writing it: it was
-    queued before the link); False when a job failed meanwhile."""
-    while existing not in written:
-        if failed:
-            return False
-        time.sleep(0.0002)
-    return True
+class Links:
+    """Hard links to files being written, each made by the thread that finishes its file
+    (or at once when it is done): no thread waits for another's copy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: set[str] = set()
+        self._waiting: dict[str, list[str]] = {}
+
+    def link(self, existing: str, path: str) -> None:
+        """``path`` a hard link to ``existing`` (its folder made), now or once written."""
+        with self._lock:
+            if existing not in self._done:
+                self._waiting.setdefault(existing, []).append(path)
+                return
+        _make_link(existing, path)
+
+    def written(self, path: str) -> None:
+        """``path`` is written: make the links that wait for it."""
+        with self._lock:
+            self._done.add(path)
+            waiting = self._waiting.pop(path, ())
+        for link in waiting:
+            _make_link(path, link)
+
+
+def _make_link(existing: str, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    hard_link(existing, path)
 
 
 def _serve(threads: int) -> None:
@@ -109,7 +129,7 @@ def _serve(threads: int) -> None:
     state = CopyState()
     sources: dict[str, int] = {}
     lock = threading.Lock()
-    written: set[str] = set()
+    links = Links()
     failed: list[str] = []
 
     def work() -> None:
@@ -125,10 +145,9 @@ def _serve(threads: int) -> None:
                         if fd is None:
                             fd = sources[src] = os.open(src, os.O_RDONLY)
                     copy_range(fd, src, dst, int(off), int(n), state)
-                    written.add(dst)
-                elif wait_written(job[1], written, failed):
-                    os.makedirs(os.path.dirname(job[2]), exist_ok=True)
-                    hard_link(job[1], job[2])
+                    links.written(dst)
+                else:
+                    links.link(job[1], job[2])
             except Truncated as e:
                 failed.append(f"truncated\0\0{e}\0{job[2]}")
             except OSError as e:

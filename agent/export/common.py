@@ -581,8 +581,8 @@ class FileWriter:
         self._sources: dict[Path, int] = {}
         self._last: list[str] = []
         self._links: list[tuple[str, str]] = []
-        self._queued: set[str] = set()  # files queued for the threads (links wait for them)
-        self._written: set[str] = set()  # and those the threads finished
+        self._queued: set[str] = set()  # files queued for the threads
+        self._book = _copier.Links()  # links to them, made once they are written
         self._count_lock = threading.Lock()
         self._copy_state = _copier.CopyState()
         self._proc: Any = None  # the copy helper, once started
@@ -703,9 +703,7 @@ class FileWriter:
             path, data, src, slots = item
             try:
                 if src == -2:  # a link: data is the file it links to
-                    if _copier.wait_written(data, self._written, self._errors):
-                        os.makedirs(os.path.dirname(path), exist_ok=True)
-                        _copier.hard_link(data, path)
+                    self._book.link(data, path)
                     continue
                 if src < 0:
                     if callable(data):
@@ -717,7 +715,7 @@ class FileWriter:
                 else:
                     _copier.copy_range(src, str(data.path), path, data.offset, data.length,
                                        self._copy_state)
-                self._written.add(path)
+                self._book.written(path)
             except _copier.Truncated as e:
                 self._errors.append(BundleError(str(e)))
             except BaseException as e:  # reported by the next write or close
