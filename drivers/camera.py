@@ -55,6 +55,7 @@ from pydantic import Field
 from agent.errors import DriverError
 from agent.types import Sample, StreamInfo, StreamKind
 
+from . import rxstamp
 from .base import Counters, Driver, DriverOptions
 from .mjpeg import MultipartParser, boundary_of, jpeg_info, parse_comment, parse_x_timestamp
 from .registry import register
@@ -159,6 +160,10 @@ class _HttpMjpeg(_Source):
         self._pending: deque[tuple[Any, int]] = deque()
         self._parser: MultipartParser | None = None
         self._start_rx: int | None = None
+        #: plain HTTP with kernel receive stamps: the socket is read directly (see open)
+        self.kernel_rx_stamps = False
+        self._early: tuple[bytes, int] | None = None
+        self._rxbuf = bytearray(1 << 16)
 
     def open(self) -> dict[str, Any]:
         u = urllib.parse.urlsplit(self.uri)
@@ -189,12 +194,42 @@ class _HttpMjpeg(_Source):
         if boundary is None:
             conn.close()
             raise _NotMultipart(resp.getheader("Content-Type") or "no Content-Type")
+        self.kernel_rx_stamps = self._raw_reads(u.scheme, sock, resp)
         sock.settimeout(self.opts.stall_timeout_s)
         self._sock, self._conn, self._resp = sock, conn, resp
         self._parser = MultipartParser(boundary, int(self.opts.max_frame_mb * (1 << 20)))
         self._pending.clear()
         self._start_rx = None
         return {"format": "MJPG"}
+
+    def _raw_reads(self, scheme: str, sock: socket.socket,
+                   resp: http.client.HTTPResponse) -> bool:
+        """Read the body straight from the socket with kernel receive stamps (plain HTTP,
+        not chunked, where the OS stamps), taking over what http.client had buffered past
+        the headers; False to read through http.client (HTTPS, chunked, other OS)."""
+        if scheme != "http" or resp.chunked or resp.fp is None or not rxstamp.enable(sock):
+            return False
+        sock.settimeout(0.0)  # peek returns only what is buffered
+        try:
+            early = resp.fp.peek()
+            resp.fp.read(len(early))
+        except OSError:
+            early = b""
+        self._early = (early, time.monotonic_ns()) if early else None
+        return True
+
+    def _recv(self) -> tuple[bytes, int]:
+        """The next bytes of the body and their arrival (monotonic ns)."""
+        if self._early is not None:
+            early, self._early = self._early, None
+            return early
+        if self.kernel_rx_stamps:
+            assert self._sock is not None
+            n, rx = rxstamp.recv_into(self._sock, self._rxbuf)
+            return bytes(memoryview(self._rxbuf)[:n]), rx
+        assert self._resp is not None
+        data = self._resp.read1(1 << 16)
+        return data, time.monotonic_ns()
 
     def _safe_uri(self) -> str:
         return re.sub(r"//[^/@]*@", "//", self.uri)
@@ -205,7 +240,7 @@ class _HttpMjpeg(_Source):
             raise _Disconnected("not connected")
         while not self._pending:
             try:
-                data = resp.read1(1 << 16)
+                data, rx = self._recv()
             except TimeoutError:
                 raise _Disconnected(f"stalled: no data for {self.opts.stall_timeout_s} s") from None
             except Exception as e:  # OSError, HTTPException, or a close() from another thread
@@ -213,7 +248,6 @@ class _HttpMjpeg(_Source):
             if not data:
                 self.counters.inc("corrupt", parser.finish())
                 raise _Disconnected("connection closed by the camera")
-            rx = time.monotonic_ns()
             # a frame's arrival is the read that brought its first JPEG bytes (SOI): the
             # time to transfer the rest grows with its size and is not arrival delay
             if self._start_rx is None and b"\xff\xd8" in data:

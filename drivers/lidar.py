@@ -46,7 +46,9 @@ Sample: ``payload`` = :data:`agent.schemas.POINT_DTYPE` array in the sensor fram
 ``intensity`` = the SIGNAL field; ``ring`` = beam row, 0 = top; ``t_offset_ns`` = the
 column's sensor time minus the first valid column's), ``device_t_ns`` = the first valid
 column's timestamp (the sensor's clock, ns), ``host_rx_ns`` = arrival of the packet holding
-that column (``time.monotonic_ns``; for pcap files the capture time, wall clock ns),
+that column (the kernel's receive stamp on ``time.monotonic_ns``'s clock where the OS
+gives one — :mod:`drivers.rxstamp` — else the read's; for pcap files the capture time,
+wall clock ns),
 ``seq`` = frame_id (16 bits, wraps), ``meta`` = ``{"incomplete", "packets",
 "missing_packets", "device_span_ns", "span_rx_ns"}``.
 
@@ -75,6 +77,7 @@ from agent.errors import DriverError
 from agent.schemas import POINT_DTYPE
 from agent.types import Sample, StreamInfo, StreamKind
 
+from . import rxstamp
 from .base import Counters, Driver, DriverOptions
 from .registry import register
 
@@ -437,6 +440,8 @@ class OusterLidar(Driver):
         self.assembler: ScanAssembler | None = None
         self._sock: socket.socket | None = None
         self.rcvbuf_bytes = 0
+        #: arrivals are the kernel's receive stamps (see drivers.rxstamp)
+        self.kernel_rx_stamps = False
         self.port: int | None = None
         for c in COUNTERS + ("corrupt",):
             self.counters.inc(c, 0)
@@ -484,6 +489,7 @@ class OusterLidar(Driver):
             log.warning("%s: socket receive buffer is %d bytes, asked %d (raise "
                         "net.core.rmem_max)", self.name, self.rcvbuf_bytes,
                         self.options.rcvbuf_bytes)
+        self.kernel_rx_stamps = rxstamp.enable(s)
         s.settimeout(0.05)
         self._sock = s
 
@@ -512,7 +518,7 @@ class OusterLidar(Driver):
         timeout = self.flush_timeout_ns
         while not self.stopping:
             try:
-                n = sock.recv_into(rx)
+                n, rx_ns = rxstamp.recv_into(sock, rx)
             except TimeoutError:
                 yield from asm.poll(time.monotonic_ns(), timeout)
                 continue
@@ -522,9 +528,8 @@ class OusterLidar(Driver):
                 self.counters.inc("errors")
                 time.sleep(0.01)
                 continue
-            now = time.monotonic_ns()
-            yield from asm.feed(rx[:n], now)
-            yield from asm.poll(now, timeout)
+            yield from asm.feed(rx[:n], rx_ns)
+            yield from asm.poll(time.monotonic_ns(), timeout)
 
     def _pcap_samples(self) -> Iterator[Sample]:
         from ouster.sdk.core import LidarPacket
