@@ -29,8 +29,16 @@ W, H, FPS = 1280, 720, 30.0
 
 
 def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants (the emulator's render process)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return own + sum(_proc_cpu_s(int(k)) for k in kids)
 
 
 def _driver_cpu(uri: str, seconds: float, **opts: object) -> tuple[float, int, int]:

@@ -33,7 +33,8 @@ def make_emu(tmp_path: Path, faults: list[Fault] | None = None, width: int = 320
     s = sc.devices.camera.model_copy(update={
         "options": {"width": width, "height": height}, "rate_hz": 30.0,
         "faults": faults or []})
-    return CameraEmulator(World(sc), s, tmp_path, time.monotonic_ns())
+    # t = 0 a moment ahead: start() spawns the render process (~0.6 s); tests wait for it
+    return CameraEmulator(World(sc), s, tmp_path, time.monotonic_ns() + 1_500_000_000)
 
 
 def truth_samples(run_dir: Path) -> dict[int, dict]:
@@ -69,6 +70,7 @@ def driver(uri: str, **opts: object) -> OpenCvCamera:
 def test_http_frames_carry_device_time_and_counter(tmp_path: Path) -> None:
     emu = make_emu(tmp_path)
     with emu:
+        emu.wait_for_t0()
         drv = driver(emu.uri, width=320, height=240)
         drv.open()
         info = drv.streams()[0]
@@ -95,6 +97,7 @@ def test_http_frames_carry_device_time_and_counter(tmp_path: Path) -> None:
 def test_dropout_gaps_equal_what_the_emulator_skipped(tmp_path: Path) -> None:
     emu = make_emu(tmp_path, [Fault(kind="dropout", t_s=0.6, duration_s=1.0, rate=0.4)])
     with emu:
+        emu.wait_for_t0()
         drv = driver(emu.uri)
         drv.open()
         got = collect(drv, 2.0)
@@ -113,6 +116,7 @@ def test_stall_and_disconnect_reconnect_and_count_the_gap(tmp_path: Path) -> Non
               Fault(kind="disconnect", t_s=2.0, duration_s=0.6)]
     emu = make_emu(tmp_path, faults)
     with emu:
+        emu.wait_for_t0()
         drv = driver(emu.uri, stall_timeout_s=0.4, backoff_initial_s=0.1, backoff_max_s=0.4)
         drv.open()
         got = collect(drv, 3.6)
@@ -132,6 +136,7 @@ def test_stall_and_disconnect_reconnect_and_count_the_gap(tmp_path: Path) -> Non
 def test_negotiation_mismatch_is_counted(tmp_path: Path, caplog) -> None:
     emu = make_emu(tmp_path)
     with emu:
+        emu.wait_for_t0()
         drv = driver(emu.uri, width=640, height=480)
         drv.open()
         drv.close()
@@ -143,6 +148,7 @@ def test_negotiation_mismatch_is_counted(tmp_path: Path, caplog) -> None:
 def test_bgr8_and_reencode_modes(tmp_path: Path) -> None:
     emu = make_emu(tmp_path)
     with emu:
+        emu.wait_for_t0()
         raw = driver(emu.uri, encoding="bgr8")
         raw.open()
         got_raw = collect(raw, 0.4)
@@ -159,6 +165,7 @@ def test_bgr8_and_reencode_modes(tmp_path: Path) -> None:
 def test_unreachable_and_not_found(tmp_path: Path) -> None:
     emu = make_emu(tmp_path)
     with emu:
+        emu.wait_for_t0()
         base = emu.uri.rsplit("/", 1)[0]
         with pytest.raises(DriverError, match="404"):
             driver(base + "/nope", connect_timeout_s=2).open()

@@ -6,7 +6,9 @@ import json
 import socket
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -22,6 +24,9 @@ from hil.truth import read_truth
 from hil.world import World
 
 
+START_LEAD_NS = 1_500_000_000
+
+
 def make_emu(tmp_path: Path, width: int = 320, height: int = 240, fps: float = 30.0,
              faults: list[Fault] | None = None, clapper_s: list[float] | None = None,
              **opts: object) -> CameraEmulator:
@@ -31,7 +36,16 @@ def make_emu(tmp_path: Path, width: int = 320, height: int = 240, fps: float = 3
     s = sc.devices.camera.model_copy(update={
         "options": {"width": width, "height": height, **opts}, "rate_hz": fps,
         "faults": faults or []})
-    return CameraEmulator(World(sc), s, tmp_path, time.monotonic_ns())
+    # t = 0 a moment ahead: start() spawns the render process (~0.6 s)
+    return CameraEmulator(World(sc), s, tmp_path, time.monotonic_ns() + START_LEAD_NS)
+
+
+@contextmanager
+def running(emu: CameraEmulator) -> Iterator[CameraEmulator]:
+    """The emulator started, from its t = 0 on."""
+    with emu:
+        emu.wait_for_t0()
+        yield emu
 
 
 def samples(run_dir: Path) -> list[dict]:
@@ -123,7 +137,7 @@ def test_partly_hidden_object_has_lower_visibility() -> None:
 # -- emulator on its interface -------------------------------------------------------------
 def test_opencv_videocapture_reads_the_stream(tmp_path: Path) -> None:
     emu = make_emu(tmp_path)
-    with emu:
+    with running(emu):
         cap = cv2.VideoCapture(emu.uri, cv2.CAP_FFMPEG)
         try:
             assert cap.isOpened()
@@ -143,7 +157,7 @@ def test_opencv_videocapture_reads_the_stream(tmp_path: Path) -> None:
 
 def test_jpeg_comment_carries_device_time_and_counter(tmp_path: Path) -> None:
     emu = make_emu(tmp_path)
-    with emu:
+    with running(emu):
         parts = read_parts(emu.uri, 1.0)
     truth = {r["seq"]: r for r in samples(tmp_path)}
     assert len(parts) >= 20
@@ -169,7 +183,7 @@ def test_jpeg_comment_carries_device_time_and_counter(tmp_path: Path) -> None:
 
 def test_capture_runs_without_clients_and_truth_says_so(tmp_path: Path) -> None:
     emu = make_emu(tmp_path)
-    with emu:
+    with running(emu):
         time.sleep(0.5)
     recs = samples(tmp_path)
     assert len(recs) >= 12
@@ -180,7 +194,7 @@ def test_capture_runs_without_clients_and_truth_says_so(tmp_path: Path) -> None:
 
 def test_clapper_flash_frame_is_white_with_truth(tmp_path: Path) -> None:
     emu = make_emu(tmp_path, clapper_s=[0.6])
-    with emu:
+    with running(emu):
         parts = read_parts(emu.uri, 1.2)
     truth = {r["seq"]: r for r in samples(tmp_path)}
     flashes = []
@@ -199,7 +213,7 @@ def test_dropout_and_defects_in_truth(tmp_path: Path) -> None:
     faults = [Fault(kind="dropout", t_s=0.3, duration_s=0.5, rate=1.0),
               Fault(kind="blur", t_s=0.9, duration_s=0.3)]
     emu = make_emu(tmp_path, faults=faults)
-    with emu:
+    with running(emu):
         parts = read_parts(emu.uri, 1.4)
     recs = samples(tmp_path)
     dropped = [r["seq"] for r in recs if r.get("reason") == "dropout"]
@@ -214,7 +228,7 @@ def test_dropout_and_defects_in_truth(tmp_path: Path) -> None:
 
 def test_disconnect_closes_and_refuses_connections(tmp_path: Path) -> None:
     emu = make_emu(tmp_path, faults=[Fault(kind="disconnect", t_s=0.5, duration_s=0.6)])
-    with emu:
+    with running(emu):
         resp = urllib.request.urlopen(emu.uri, timeout=5)
         t0 = time.monotonic()
         while resp.read1(65536):
@@ -237,7 +251,7 @@ def test_disconnect_closes_and_refuses_connections(tmp_path: Path) -> None:
 def test_calibration_endpoint_and_options(tmp_path: Path) -> None:
     emu = make_emu(tmp_path, width=400, height=300)
     assert emu.calibration["fx"] == pytest.approx(360.0) and emu.calibration["cx"] == 200
-    with emu:
+    with running(emu):
         base = emu.uri.rsplit("/", 1)[0]
         cal = json.load(urllib.request.urlopen(base + "/calibration.json", timeout=5))
         with pytest.raises(urllib.error.HTTPError):
@@ -259,7 +273,7 @@ def test_insert_jpeg_comment_round_trip() -> None:
 @pytest.mark.hil
 def test_sustains_1280x720_at_30fps(tmp_path: Path) -> None:
     emu = make_emu(tmp_path, width=1280, height=720, fps=30.0)
-    with emu:
+    with running(emu):
         parts = read_parts(emu.uri, 5.0)
         wall = emu.t_s()
     assert len(parts) >= 0.95 * 30 * 4.9

@@ -263,6 +263,7 @@ def _truth_by_key(run_dir: Path, dev: str) -> dict[int, int]:
     return out
 
 
+@pytest.mark.realtime  # a sound server on a stalled host underruns (see conftest)
 def test_audio_replays_into_the_null_sink(tmp_path: Path) -> None:
     """The recorded PCM plays into the PulseAudio null sink on its schedule; the real
     audio driver records it back: the same samples (aligned by cross-correlation) and the

@@ -18,9 +18,10 @@ client is connected (a camera does not wait). Its image is rendered and encoded 
 (right after frame ``n − 1`` was queued) and queued to every client connected then; each
 client's sender thread waits for capture + jitter itself and sends. So, like a real camera
 whose readout and compression latency is constant, the only variable delay is the
-device's injected arrival jitter. Sender threads ask for SCHED_FIFO (else nice −10) and
-the process's interpreter switch interval is lowered to 0.2 ms, so a sender is not held
-up by the render thread's GIL. A frame whose image is not ready by its send time leaves
+device's injected arrival jitter. Rendering and encoding run in a process of their own
+(:class:`~hil.emulators.render_worker.RenderWorker`): they hold the interpreter lock for
+milliseconds, and a sender waiting for it would leave late. Sender threads ask for
+SCHED_FIFO (else nice −10) and the interpreter switch interval is lowered to 0.2 ms. A frame whose image is not ready by its send time leaves
 late (``late_frames``); more than two periods late it is skipped (``overrun``; the
 counter still advances). Each client's send is recorded (truth ``send``) so a scorer can
 tell the emulator's own lateness from the agent's error.
@@ -67,7 +68,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -75,10 +75,11 @@ from agent.config import _problems
 from agent.errors import ConfigError
 from agent.geometry import PinholeCamera
 
-from ..render import default_calibration, render
+from ..render import default_calibration
 from ..scenario import DeviceSettings
 from ..world import World
-from .base import Emulator
+from .base import Emulator, punctual_thread, sleep_until
+from .render_worker import RenderWorker
 
 BOUNDARY = "edgecapframe"
 STREAM_PATH = "/stream.mjpg"
@@ -101,25 +102,6 @@ def insert_jpeg_comment(jpeg: bytes, text: bytes) -> bytes:
     if jpeg[:2] != b"\xff\xd8" or len(text) > 65533:
         raise ValueError("not a JPEG or comment too long")
     return b"\xff\xd8\xff\xfe" + struct.pack(">H", len(text) + 2) + text + jpeg[2:]
-
-
-def _punctual_thread() -> None:
-    """Let the calling (sender) thread leave on time on a loaded host: SCHED_FIFO where
-    allowed (root / CAP_SYS_NICE), else nice −10; and a 0.2 ms interpreter switch interval
-    (process-wide), so that a woken sender gets the GIL back from the render threads
-    within that rather than the default 5 ms. A real camera's timing does not suffer from
-    the host; the emulator's must not either (its lateness is in the truth's ``send``)."""
-    import os
-    import sys
-
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except (AttributeError, OSError):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
-        except (AttributeError, OSError):
-            pass
 
 
 class _Client:
@@ -175,6 +157,8 @@ class CameraEmulator(Emulator):
         self.calibration.setdefault("width", o.width)
         self.calibration.setdefault("height", o.height)
         self.camera = PinholeCamera.from_calibration(self.calibration, o.width, o.height)
+        self._renderer = RenderWorker(world.sc, self.calibration, o.width, o.height,
+                                      o.quality, o.sensor_noise)
         self.rng = np.random.default_rng(world.sc.seed * 1000 + 17)
         self.sent.update({"captured": 0, "skipped": 0, "late_frames": 0, "late_sends": 0})
         #: worst lateness of a send against capture + jitter (ns)
@@ -184,17 +168,15 @@ class CameraEmulator(Emulator):
         self._threads: list[threading.Thread] = []
         self._srv: socket.socket | None = None
         self._disconnected = False
-        self._last_image: tuple[bytes, list[Any]] | None = None  # for ``freeze``
-        self._noise = [np.clip(self.rng.normal(3.0, o.sensor_noise, (o.height, o.width, 3)),
-                               0, 255).astype(np.uint8) for _ in range(8)] \
-            if o.sensor_noise > 0 else []
+        self._last_image: tuple[bytes, list[dict[str, Any]]] | None = None  # ``freeze``
         self._logged_faults: set[int] = set()
-        #: CPU seconds spent in the capture thread (render + encode), for the benchmark
+        #: CPU seconds spent capturing (scheduling here, render + encode in the render
+        #: process), for the benchmark
         self.capture_cpu_s = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
     def _start(self) -> None:
-        render(self.world, 0.0, self.camera)   # warm the background and road caches
+        self._renderer.start()   # warms the background and road caches
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("127.0.0.1", 0))
@@ -216,6 +198,7 @@ class CameraEmulator(Emulator):
         for t in self._threads:
             t.join(5.0)
         self._threads.clear()
+        self._renderer.close()
         with self._clients_lock:
             self.count("client_drops", sum(c.dropped for c in self._clients))
 
@@ -296,7 +279,7 @@ class CameraEmulator(Emulator):
                 pass
 
     def _send_loop(self, c: _Client) -> None:
-        _punctual_thread()
+        punctual_thread()
         while not self.stop_event.is_set():
             with c.cond:
                 while not c.parts and not c.closed and not self.stop_event.is_set():
@@ -304,8 +287,7 @@ class CameraEmulator(Emulator):
                 if c.closed or self.stop_event.is_set():
                     return
                 send_at_ns, seq, part = c.parts.popleft()
-            delay = (send_at_ns - time.monotonic_ns()) / 1e9
-            if delay > 0 and self.stop_event.wait(delay):
+            if sleep_until(send_at_ns, self.stop_event):
                 return
             t0 = time.monotonic_ns()
             c.sock.sendall(part)
@@ -404,16 +386,13 @@ class CameraEmulator(Emulator):
             image, boxes = self._last_image  # the same bytes again
             defects["freeze"] = 1.0
         else:
-            img, boxes = render(self.world, t_s, self.camera, light, flash=clap is not None,
-                                blur_px=defects.get("blur_px", 0),
-                                overexpose=defects.get("overexpose", 0.0))
-            if self._noise:
-                img = cv2.add(img, self._noise[seq % len(self._noise)])
-            ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, self.opts.quality])
-            image = enc.tobytes()
+            image, boxes, cpu_s = self._renderer.render(
+                t_s, seq, light, flash=clap is not None, blur_px=defects.get("blur_px", 0),
+                overexpose=defects.get("overexpose", 0.0))
+            self.capture_cpu_s += cpu_s
             self._last_image = (image, boxes)
         jpeg = insert_jpeg_comment(image, f"edgecap-hil t_dev_ns={device_ns} seq={seq}".encode())
-        extra["boxes"] = [b.as_dict() for b in boxes]
+        extra["boxes"] = boxes
         if clap is not None:
             extra["clapper"] = clap
         if defects:

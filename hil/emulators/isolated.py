@@ -42,7 +42,8 @@ class IsolatedError(RuntimeError):
     """The emulator could not start (or answer) in its child process."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child: be sent SIGTERM when the parent process dies (Linux; else nothing)."""
     try:
         import ctypes
 
@@ -56,7 +57,7 @@ def _child() -> int:
     arguments from stdin, build and start the emulator, report its interface, serve until
     told to stop (or stdin closes: the parent is gone), stop it and report its counts.
     Messages are pickles on the original stdout; anything printed goes to stderr."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner stops us by message
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -90,6 +91,16 @@ def _child() -> int:
     return 0
 
 
+def python_child(module: str) -> subprocess.Popen[bytes]:
+    """``python -m MODULE`` (this interpreter, this checkout on its path) with pipes on its
+    stdin and stdout, for the pickled-message children here and in render_worker."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+
+
 class Isolated:
     """Proxy of an emulator running in a child process (see the module doc)."""
 
@@ -119,11 +130,7 @@ class Isolated:
         return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        proc = subprocess.Popen([sys.executable, "-m", "hil.emulators.isolated"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        proc = python_child("hil.emulators.isolated")
         self._proc = proc
         assert proc.stdin is not None and proc.stdout is not None
         pickle.dump(self._args, proc.stdin)

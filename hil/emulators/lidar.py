@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import socket
 import threading
@@ -72,7 +71,7 @@ from agent.errors import ConfigError
 from ..raycast import GROUND, YIELD_S, Raycaster, box_in_sensor_frame
 from ..scenario import DeviceSettings
 from ..world import World
-from .base import Emulator
+from .base import Emulator, punctual_thread, sleep_until
 
 log = logging.getLogger(__name__)
 
@@ -353,10 +352,7 @@ class LidarEmulator(Emulator):
 
     # -- sending ----------------------------------------------------------------------
     def _send_loop(self) -> None:
-        try:  # a real sensor's timing does not suffer from host load; get close where allowed
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
-        except (OSError, AttributeError):
-            pass
+        punctual_thread()
         while not self.stop_event.is_set():
             try:
                 f = self._q.get(timeout=0.1)
@@ -416,9 +412,7 @@ class LidarEmulator(Emulator):
                 reason = "stall"
                 continue
             at = due + int(self.jitter.delay_s() * 1e9)
-            delay = (at - time.monotonic_ns()) / 1e9
-            if delay > 0:
-                time.sleep(delay)
+            sleep_until(at)
             late_ns = time.monotonic_ns() - at
             self.max_late_ns = max(self.max_late_ns, late_ns)
             if late_ns > 2_000_000:
