@@ -332,13 +332,16 @@ class ClockOptions(BaseModel):
     #: at most this much device time away; beyond, by its members' own arrivals
     ref_holdover_s: float = Field(default=60.0, gt=0, le=86_400)
 
-    def params(self, stream: str) -> EstimatorParams:
+    def params(self, stream: str, sample_count: bool = False) -> EstimatorParams:
+        """The estimator settings of ``stream``; ``sample_count``: its device clock is an
+        ADC's sample count, which cannot step while it counts (a rising arrival floor is
+        then latency, see :class:`agent.clock_estimator.EstimatorParams`)."""
         return EstimatorParams(
             window_s=self.window_s, bucket_s=self.bucket_s,
             rebuild_s=8.0 * self.bucket_s,
             jump_threshold_ns=int(self.jump_threshold_ms * 1e6),
             lock_uncertainty_ns=int(self.lock_uncertainty_ms * 1e6),
-            latency_ns=self.latency_ns(stream))
+            latency_ns=self.latency_ns(stream), floor_rises_are_steps=not sample_count)
 
     def latency_ns(self, stream: str) -> int:
         return int(round(self.latency_ms.get(stream, 0.0) * 1e6))
@@ -511,7 +514,8 @@ class ClockStage:
         est = st.est
         if dev is not None:
             if est is None:
-                est = st.est = ClockEstimator(self.options.params(sample.stream))
+                est = st.est = ClockEstimator(self.options.params(
+                    sample.stream, sample_count=bool(st.rate_num)))
                 st.source = "sample-count" if st.rate_num else "estimator"
             elif meta and meta.get("discontinuity"):
                 est.reset(keep_skew=True)  # the driver says its clock restarted (reconnect)

@@ -56,7 +56,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -88,7 +88,7 @@ _SEGMENT_STATE = (
     "_sum_nx", "_closes", "_xbar", "_n_window", "_span_ns", "_seg_samples",
     "_seg_first_dev", "_dev0", "_off0", "_recent", "_prior_s", "_prior_sigma",
     "_prior_dev", "_last_trim_dev", "state", "uncertainty_ns", "_early_mode",
-    "_delay_scale", "_thr")
+    "_delay_scale", "_thr", "added_latency_ns")
 
 
 class LockState(str, enum.Enum):
@@ -117,6 +117,10 @@ class EstimatorParams:
     acquire_span_s: float = 3.0     #: span needed to lock from scratch (skew unknown)
     lock_uncertainty_ns: int = 1_000_000  #: LOCKED needs the stated uncertainty below this
     step_min_ns: int = 300_000      #: smallest floor shift treated as a step
+    #: a floor that rises may be the device clock stepping back; False for a clock that
+    #: cannot step while it counts on (an ADC's sample count without a gap): there a
+    #: rising floor is added latency (a sound server's buffer grew), not time
+    floor_rises_are_steps: bool = True
     latency_ns: int = 0             #: known fixed one-way latency, subtracted when mapping
     max_skew_ppm: float = 1000.0    #: fitted skews are clamped to ±this (no oscillator is
     #:                                 further off; a steeper hull edge is a floor change)
@@ -166,6 +170,9 @@ class ClockEstimator:
         self.false_jumps = 0     # jumps undone: late bursts that looked like a step back
         self.jumps = 0
         self.steps = 0
+        #: latency steps absorbed (``floor_rises_are_steps=False``) and their sum now (ns)
+        self.latency_steps = 0
+        self.added_latency_ns = 0
         self.last_jump: dict[str, int] | None = None
         self.state = LockState.UNLOCKED
         self.uncertainty_ns: int | None = None
@@ -198,7 +205,7 @@ class ClockEstimator:
         """Learn from one pair (device time, arrival on the timebase) and return the device
         time mapped onto the timebase, latency removed. Reader thread; never blocks."""
         dev = int(device_t_ns)
-        rx = int(rx_ns)
+        rx = int(rx_ns) - self.added_latency_ns
         self.samples += 1
         self.last_dev_ns = dev
         if not self._started:
@@ -211,7 +218,8 @@ class ClockEstimator:
         r = key - a               # residual above the line
         if r < 0.0 and self._undo is not None and self._undo_fits(dev, rx):
             return self.update(dev, rx)  # the "jump" was a burst of late samples
-        if (r > self._thr or r < -self._thr) and self._suspicious(r, x):
+        if (r < -self._thr or (r > self._thr and self.params.floor_rises_are_steps)) \
+                and self._suspicious(r, x):
             if r < 0.0 and self._seg_samples < self.params.lock_min_samples:
                 self.restarts += 1  # the few samples so far were late, not these
                 self._new_segment(dev, rx)
@@ -220,6 +228,13 @@ class ClockEstimator:
             return self.map(dev)
         if self._suspect:
             self._suspect.clear()
+        if r < 0.0 and self.added_latency_ns:
+            # on a count: an arrival below the line says the added latency has shrunk
+            give = min(-r, float(self.added_latency_ns))
+            self._add_latency(-int(round(give)), dev)
+            off += int(round(give))
+            key += give
+            r += give
         if r < 0.0:
             a = key  # the envelope lies below every point: lower it at once
             self._line = (xa, ya, a, s)
@@ -323,6 +338,7 @@ class ClockEstimator:
         self._seg_first_dev = dev
         self._dev0, self._off0 = dev, rx - dev
         self._recent = deque(maxlen=self.params.residual_ring)
+        self.added_latency_ns = 0
         self._started = True
         self.state = LockState.ACQUIRING
         self._accept(dev, rx - dev)
@@ -564,6 +580,9 @@ class ClockEstimator:
                 cut_neg = i
             elif d > max(15.0 * mu / n_suf, step_min) + 2.0 * u and i <= m - 3:
                 cut_pos = i  # a rise needs three buckets: slow buckets are not a step
+        if not self.params.floor_rises_are_steps and cut_pos:
+            self._absorb_rise(cut_pos, keys)
+            cut_pos = 0
         cut = cut_neg or cut_pos
         if cut:
             self.steps += 1
@@ -575,6 +594,40 @@ class ClockEstimator:
             self._set_prior(s, trust=not again)
             for _ in range(cut):
                 bs.popleft()
+
+    def _absorb_rise(self, i: int, keys: list[float]) -> None:
+        """For a clock that cannot step while it counts (``floor_rises_are_steps=False``):
+        the floor rose from bucket ``i`` on, which is latency added on the way (a sound
+        server's buffer grew): the newer buckets and every later arrival are taken that
+        much earlier, and the line stays where it was. The size is measured across the
+        boundary (three buckets each side), where a skew the rise has tilted matters
+        least; what is left over shows at a later check. (A shrinking latency is given
+        back as soon as an arrival falls below the line: see :meth:`update`.)"""
+        if i < 3 or len(keys) - i < 3:
+            return
+        d = min(keys[i:i + 3]) - min(keys[i - 3:i])
+        if d > 0:
+            self._add_latency(int(round(d)), self._buckets[i].dev)
+
+    def _add_latency(self, shift: int, since_dev: int) -> None:
+        """Take every arrival from device time ``since_dev`` on (buckets, the open one,
+        the residual ring, and all later samples) ``shift`` ns earlier."""
+        if not shift:
+            return
+        self.added_latency_ns += shift
+        if shift > 0:
+            self.latency_steps += 1
+        bs = self._buckets
+        # the open bucket too (while a bucket closes it is still ``_cur``: not twice); a
+        # bucket is its lowest point, so it moves if that point came late enough
+        cur = self._cur if self._cur is not None and (not bs or self._cur is not bs[-1]) \
+            else None
+        for b in [b for b in bs if b.dev >= since_dev] + ([cur] if cur is not None else []):
+            if b.dev >= since_dev:
+                b.off -= shift
+                b.key -= shift
+        self._recent = deque(((dv, o - shift) if dv >= since_dev else (dv, o)
+                              for dv, o in self._recent), maxlen=self.params.residual_ring)
 
     # -- reporting ----------------------------------------------------------------------
     @property
@@ -595,6 +648,7 @@ class ClockEstimator:
             "offset_ns": self.offset_ns, "skew_ppm": round(self.skew_ppm, 4),
             "jitter_ns": self.jitter_ns, "uncertainty_ns": self.uncertainty_ns,
             "latency_ns": self.latency_ns, "jumps": self.jumps, "steps": self.steps,
+            "latency_steps": self.latency_steps, "added_latency_ns": self.added_latency_ns,
             "samples": self.samples, "suspects": self.suspects,
             "out_of_order": self.out_of_order, "restarts": self.restarts,
             "resets": self.resets, "false_jumps": self.false_jumps,
@@ -643,7 +697,9 @@ class AudioClock:
         self.sample_rate_hz = float(sample_rate_hz)
         fr = Fraction(sample_rate_hz).limit_denominator(1_000_000)
         self._num, self._den = fr.numerator, fr.denominator
-        self.estimator = ClockEstimator(params)
+        # a sample count cannot step while it counts: a rising floor is latency
+        self.estimator = ClockEstimator(replace(params or EstimatorParams(),
+                                                floor_rises_are_steps=False))
 
     def index_to_ns(self, index: int) -> int:
         """Frame index → device ns at the nominal rate, exact integer arithmetic."""

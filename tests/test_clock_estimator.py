@@ -275,3 +275,58 @@ def test_arrival_clock_is_honest():
     q = ac.quality()
     assert q["source"] == "arrival" and q["state"] == "arrival"
     assert q["uncertainty_ns"] is None and 100_000 < q["jitter_ns"] < 3_000_000
+
+
+# -- a sample count cannot step: a rising arrival floor is latency ------------------------
+def _audio_run(clock, latency_at, drift_ppm=0.0, seconds=80, seed=3):
+    """48 kHz in 10 ms blocks through a path whose fixed latency changes at
+    ``latency_at`` ({t_s: extra ns}); exponential delays (mean 3 ms) and 5 % 20 ms spikes.
+    Returns (t_s, error ns) of each block's first sample after the clock locked."""
+    rng = np.random.default_rng(seed)
+    rate = 48_000 * (1 + drift_ppm * 1e-6)
+    t0, out = 7_000_000_000, []
+    for k in range(seconds * 100):
+        i = k * 480
+        start, end = t0 + int(i / rate * 1e9), t0 + int((i + 480) / rate * 1e9)
+        t_s = (end - t0) / 1e9
+        extra = sum(v for at, v in latency_at.items() if t_s >= at)
+        rx = end + 2_000_000 + extra + rng.exponential(3e6) + (20e6 if rng.random() < 0.05
+                                                               else 0)
+        if isinstance(clock, AudioClock):
+            t = clock.update(i, 480, int(rx))
+        else:  # the same count as a device clock that could step
+            clock.update(int((i + 480) / 48_000 * 1e9), int(rx))
+            t = clock.map(int(i / 48_000 * 1e9))
+        if t_s > 5:
+            out.append((t_s, t - start - 2_000_000))
+    return np.array(out)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rise1=st.floats(1.0, 30.0), rise2=st.floats(-0.9, 1.0), at1=st.floats(15, 30),
+       drift=st.floats(-200, 200), seed=st.integers(0, 1000))
+def test_an_audio_clock_takes_a_rising_floor_as_latency_not_time(rise1, rise2, at1, drift,
+                                                                seed):
+    """The sound path's buffer grows (or shrinks back) mid-stream while the sample count
+    goes on: the mapping must not move with it (a latency step is not a clock step)."""
+    ac = AudioClock(48_000)
+    steps = {at1: int(rise1 * 1e6), at1 + 25: int(rise2 * rise1 * 1e6)}
+    e = _audio_run(ac, steps, drift, seed=seed)
+    # a rise beyond the jump threshold is sized from a few samples first (~0.3 ms off for
+    # some seconds), then re-measured across its boundary
+    assert np.percentile(np.abs(e[:, 1]), 99) < 500_000, (rise1, rise2)
+    assert abs(np.median(e[e[:, 0] > 60, 1])) < 100_000
+    q = ac.quality()
+    assert q["latency_steps"] >= 1 and q["jumps"] == 0
+    added = sum(steps.values())
+    assert abs(q["added_latency_ns"] - added) < 500_000
+
+
+def test_a_device_clock_estimator_still_takes_a_rising_floor_as_a_step() -> None:
+    """The same rise on a clock that can step (a timestamped device) moves the mapping:
+    there, arrivals all later means the device's time went back."""
+    est = ClockEstimator()
+    e = _audio_run(est, {20.0: 6_000_000})
+    late = e[e[:, 0] > 40]
+    assert np.median(late[:, 1]) == pytest.approx(6e6, abs=0.3e6)
+    assert est.steps >= 1 and est.latency_steps == 0
