@@ -207,6 +207,50 @@ def settled_stats(err: list[int], true_ns: list[int]) -> tuple[dict[str, Any], f
     return err_stats(np.asarray(err, dtype=np.int64)[keep]), round(settle, 2)
 
 
+#: blocks this close after a sound-path change are left out of a stretch (the change
+#: itself falls inside one of them) ...
+STRETCH_GUARD_NS = 300_000_000
+#: ... and this close after the mic came back: the agent re-locks its clock (issue 5's
+#: bound for a re-lock is 2 s)
+RELOCK_GUARD_NS = 2_000_000_000
+
+
+def stretch_stats(err: list[int], true_ns: list[int], boundaries_ns: list[int],
+                  settle_from_ns: int, relocks_ns: list[int] = ()) -> dict[str, Any]:
+    """Audio error about each stretch's own median, pooled (``spread_p99_ms``), where a
+    stretch is the time between two changes of the emulated sound path
+    (``boundaries_ns``: the mic re-plugged, play-out restarted after unplayed chunks, the
+    sound server playing zeros for an emulator stall). Each such change moves the content
+    against the sink's sample clock — the emulator's sound arriving late, which a real
+    microphone's ADC cannot do — so one latency calibration holds per stretch, not per
+    run. Samples before ``settle_from_ns``, within :data:`STRETCH_GUARD_NS` after a
+    boundary or within :data:`RELOCK_GUARD_NS` after one of ``relocks_ns`` (boundaries
+    where the stream restarted) are left out; ``steps_ms`` are the median changes from
+    stretch to stretch."""
+    e = np.asarray(err, dtype=np.int64)
+    t = np.asarray(true_ns, dtype=np.int64)
+    b = np.asarray(sorted(set(boundaries_ns) | set(relocks_ns)), dtype=np.int64)
+    idx = np.searchsorted(b, t, side="right")
+    since = t - np.where(idx > 0, b[np.maximum(idx - 1, 0)], np.iinfo(np.int64).min // 2)
+    keep = (t >= settle_from_ns) & (since >= STRETCH_GUARD_NS)
+    for r in relocks_ns:
+        keep &= ~((t >= r) & (t < r + RELOCK_GUARD_NS))
+    devs, meds = [], []
+    for k in np.unique(idx[keep]):
+        m = keep & (idx == k)
+        if m.sum() < 20:
+            continue
+        med = float(np.median(e[m]))
+        meds.append(med)
+        devs.append(np.abs(e[m] - med))
+    if not devs:
+        return {"stretches": 0, "n": 0, "spread_p99_ms": None, "steps_ms": []}
+    d = np.concatenate(devs) / 1e6
+    return {"stretches": len(meds), "n": int(d.size),
+            "spread_p99_ms": round(float(np.percentile(d, 99)), 4),
+            "steps_ms": [round((b_ - a) / 1e6, 3) for a, b_ in zip(meds, meds[1:])]}
+
+
 def _no_data(device: str, stream: str, unit: str, why: str) -> dict[str, Any]:
     row = _stream_row(device, stream, unit, 0, 0, 0, None, [], [])
     row["loss_share"] = 1.0
@@ -428,6 +472,7 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
     spans: list[tuple[int, int]] = []   # emitted [start, end) received
     unaligned = 0
     corr_min = 1.0
+    run_starts: list[int] = []   # index into trues of each aligned run's first block
     for run in runs:
         pcm = np.concatenate([x[3] for x in run])
         seq0 = run[0][2]
@@ -445,6 +490,7 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
             unaligned += sum(len(x[3]) for x in run)
             continue
         end = len(ref)  # only what the emulator emitted has a truth
+        run_starts.append(len(trues))
         for t, rx, seq, blk in run:
             w = pos + (seq - seq0)
             if w < 0 or w + len(blk) > end:
@@ -481,8 +527,18 @@ def score_audio(run_dir: Path, b: Bundle, stream: str, run_t0_ns: int) -> dict[s
                 withheld += max(0, min(b_, hi) - max(a, lo))
                 unplug = None
     block = len(blocks[0][1]) if blocks else 0
+    # where the emulated sound path changed: each run's start (a re-plugged mic), play-out
+    # restarts after unplayed chunks, the sound server's zeros
+    bounds = [run_t0_ns + int(x * NS) for x in server_zeros]
+    bounds += [int(r["content_true_ns"]) for r in recs if r.get("type") == "unplayed"]
+    relocks = [trues[i] for i in run_starts[1:] if i < len(trues)]
+    row_t = np.asarray(trues, dtype=np.int64)
+    settle_from = int(row_t.min()) + int(min(SETTLE_S, (int(row_t.max()) - int(row_t.min()))
+                                             / 2e9) * NS) if len(row_t) else 0
+    stretches = stretch_stats(err, trues, bounds, settle_from, relocks) if trues else None
     return _stream_row("audio", stream, "samples", hi - lo, covered, withheld,
                        tot.get("gaps", 0) + tot["queue_drops"] * block, err, naive, trues,
+                       ts_stretches=stretches,
                        window_ns=[run_t0_ns + int(lo / (rate * ratio) * NS),
                                   run_t0_ns + int(hi / (rate * ratio) * NS)],
                        runs=len(runs), unaligned_samples=unaligned,
@@ -763,6 +819,10 @@ def _metric(report: dict[str, Any], key: str) -> tuple[float | None, str, str]:
             row = s.get(dev)
             st = (row or {}).get("ts_settled") or {}
             return (st.get("p99_ms"), "<=", "" if row is not None else f"{dev} not run")
+        if key == f"{dev}_ts_stretch_spread_p99_ms":
+            row = s.get(dev)
+            st = (row or {}).get("ts_stretches") or {}
+            return (st.get("spread_p99_ms"), "<=", "" if row is not None else f"{dev} not run")
         if key == f"{dev}_ts_spread_p99_ms":
             row = s.get(dev)
             st = (row or {}).get("ts_settled") or (row or {}).get("ts") or {}
