@@ -1141,6 +1141,10 @@ class McapReplay(Driver):
                 seeked = False
                 try:
                     s = ahead.get(stop)  # the first sample is read before the clock starts
+                    if clock.rate is not None:
+                        # and, when paced, a little more: the first samples of every
+                        # stream come from segments still being opened
+                        ahead.preroll(stop, s.t_ns + PREROLL_NS)
                     clock.start(pos)
                     while s is not None:
                         late = clock.wait_until(s.t_ns, stop, gen)
@@ -1246,6 +1250,18 @@ class _Prefetch:
                 self._buf.append(None)
                 self._cond.notify_all()
 
+    def preroll(self, stop: threading.Event, until_ns: int, timeout_s: float = 2.0) -> None:
+        """Wait until the buffer reaches session time ``until_ns``, is full, or holds the
+        end (at most ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not stop.is_set() and time.monotonic() < deadline:
+                buf = self._buf
+                if buf and (buf[-1] is None or buf[-1].t_ns >= until_ns
+                            or len(buf) >= self.max_items or self._bytes >= self.max_bytes // 2):
+                    return
+                self._cond.wait(0.05)
+
     def get(self, stop: threading.Event) -> Sample | None:
         with self._cond:
             while not self._buf:
@@ -1264,6 +1280,10 @@ class _Prefetch:
             self._buf.clear()
             self._cond.notify_all()
         self._thread.join(5.0)
+
+
+#: session time read ahead before a paced replay starts its clock
+PREROLL_NS = 500_000_000
 
 
 def _min_period_ns(reader: SessionReader, streams: set[str]) -> int:

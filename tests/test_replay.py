@@ -260,6 +260,29 @@ def test_jitter_at_1x_is_below_a_millisecond(session) -> None:
     assert j["p99_ms"] <= 1.0, j
 
 
+def test_a_paced_replay_reads_ahead_before_its_clock_starts(session) -> None:
+    """The first samples of every stream come from segments still being opened: the
+    read-ahead is given half a second of session time before the clock starts."""
+    from agent.replay import PREROLL_NS, _Prefetch
+
+    drv = McapReplay("/replay", str(session.session_dir), McapReplayOptions(rate=1.0))
+    drv.open()
+    stop = threading.Event()
+    ahead = _Prefetch(drv, drv.start_ns)
+    try:
+        first = ahead.get(stop)
+        ahead.preroll(stop, first.t_ns + PREROLL_NS)
+        buffered = list(ahead._buf)
+    finally:
+        ahead.close()
+        drv.close()
+    assert buffered and buffered[-1] is not None
+    assert buffered[-1].t_ns >= first.t_ns + PREROLL_NS
+    _, every = _replay(str(session.session_dir), max_rate=True)
+    due = [s for s in every if s.t_ns < first.t_ns + PREROLL_NS]
+    assert {s.stream for s in due} <= {s.stream for s in buffered}  # all opened and read
+
+
 def test_replay_and_record_keeps_times_windows_and_counts(session, tmp_path: Path) -> None:
     from agent.cli.replay_cmd import run_replay
 
