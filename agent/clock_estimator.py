@@ -591,7 +591,10 @@ class ClockEstimator:
             again = (self._last_trim_dev is not None
                      and dev - self._last_trim_dev < self._window_ns // 4)
             self._last_trim_dev = dev
-            self._set_prior(s, trust=not again)
+            # (not on a count: an ADC's rate does not change; its arrivals' floor dropping
+            # twice is a sound server's buffer draining, and the short window left after
+            # a cut would measure the rate from a few seconds of bursty arrivals)
+            self._set_prior(s, trust=not again or not self.params.floor_rises_are_steps)
             for _ in range(cut):
                 bs.popleft()
 
