@@ -231,7 +231,8 @@ def stretch_stats(err: list[int], true_ns: list[int], boundaries_ns: list[int],
     t = np.asarray(true_ns, dtype=np.int64)
     b = np.asarray(sorted(set(boundaries_ns) | set(relocks_ns)), dtype=np.int64)
     idx = np.searchsorted(b, t, side="right")
-    since = t - np.where(idx > 0, b[np.maximum(idx - 1, 0)], np.iinfo(np.int64).min // 2)
+    far = np.iinfo(np.int64).min // 2   # before the first boundary (or there is none)
+    since = t - (np.where(idx > 0, b[np.maximum(idx - 1, 0)], far) if b.size else far)
     keep = (t >= settle_from_ns) & (since >= STRETCH_GUARD_NS)
     for r in relocks_ns:
         keep &= ~((t >= r) & (t < r + RELOCK_GUARD_NS))
