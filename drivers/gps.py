@@ -14,7 +14,9 @@ byte time of the configured baud (``10 / baud`` s a character).
 Bad input is counted, never raised. ``sentences`` counts the good ones; ``corrupt``
 (sentences failing their checksum, cut short or unparsable), ``garbage_bytes`` (bytes
 outside any ``$…\\n`` frame), ``ignored`` (well-formed sentences of other types),
-``no_fix`` (fixes with quality 0), ``incomplete_epochs`` (an epoch without GGA or RMC:
+``startup_skipped_bytes`` (the tail of a sentence the port was opened in the middle of:
+the bytes before the first ``$``, at most a frame's length; not a defect), ``no_fix``
+(fixes with quality 0), ``incomplete_epochs`` (an epoch without GGA or RMC:
 no position, no fix sample), ``untimed_epochs`` (no sentence with a valid time),
 ``late_sentences`` (a sentence of an epoch already closed), ``time_jumps`` (UTC not
 increasing), ``pps_events`` / ``pps_missed`` (sequence jumps). Missing epochs (a gap in
@@ -50,6 +52,9 @@ NS = 1_000_000_000
 DAY_NS = 86_400 * NS
 KNOT_MPS = 1852.0 / 3600.0
 MAX_FRAME = 256  # NMEA caps a sentence at 82 chars; proprietary ones run longer
+#: bytes before the first ``$`` after opening the port that are taken as the tail of a
+#: sentence begun before we listened (``startup_skipped_bytes``), not as garbage
+SYNC_MAX_BYTES = MAX_FRAME
 USED = ("GGA", "RMC", "ZDA", "GSA", "VTG")
 TIMED = ("GGA", "RMC", "ZDA")
 STANDARD_BAUDS = (4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
@@ -411,6 +416,7 @@ class NmeaGps(Driver):
         self._last_rx: int | None = None
         self._reopened = False
         self._ever_opened = False
+        self._synced, self._sync_skipped = False, 0
         self._ser: Any = None
         self._pps: PpsSource | None = None
         self._pps_q: queue.Queue[PpsEvent] = queue.Queue(maxsize=256)
@@ -445,6 +451,7 @@ class NmeaGps(Driver):
         except Exception:
             pass
         self.decoder.reset_stream()
+        self._synced, self._sync_skipped = False, 0
         self._reopened = self._ever_opened
         self._ever_opened = True
         if o.pps:
@@ -511,12 +518,30 @@ class NmeaGps(Driver):
                 raise DriverError(f"{self.path}: serial port lost ({e}); check the cable "
                                   f"or USB adapter") from None
             now = time.monotonic_ns()
+            if data and not self._synced:
+                data = self._sync(data)
             epochs = self.decoder.feed(data, now) if data else self.decoder.idle(now, idle_ns)
             for ep in epochs:
                 yield from self._epoch_samples(ep)
                 idle_ns = self._idle_ns()
             while not self._pps_q.empty():
                 yield self._pps_sample(self._pps_q.get_nowait())
+
+    def _sync(self, data: bytes) -> bytes:
+        """The port was opened mid-stream: the bytes before the first ``$`` are the tail of
+        a sentence the receiver began before we listened, not line noise. They are counted
+        as ``startup_skipped_bytes``; past :data:`SYNC_MAX_BYTES` without a ``$`` the line
+        is sending something else, and the decoder counts it as garbage from then on."""
+        j = data.find(b"$")
+        skip = len(data) if j < 0 else j
+        room = SYNC_MAX_BYTES - self._sync_skipped
+        skip = min(skip, max(0, room))
+        if skip:
+            self._sync_skipped += skip
+            self.counters.inc("startup_skipped_bytes", skip)
+        if j >= 0 or skip >= room:
+            self._synced = True
+        return data[skip:]
 
     def drain(self) -> Iterator[Sample]:
         """Samples of an epoch still open (after the input ended); reader thread only."""

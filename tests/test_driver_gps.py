@@ -427,3 +427,51 @@ def test_counters_class_is_shared():
     c = Counters()
     decode_bytes(b"xx" + VALID[0], counters=c)
     assert c["garbage_bytes"] == 2 and c["sentences"] == 1
+
+
+def _pty_driver() -> tuple[int, int, NmeaGps]:
+    m, s = os.openpty()
+    drv = NmeaGps("/gps", f"serial://{os.ttyname(s)}?baud=115200", NmeaGpsOptions(),
+                  rate_hz=1)
+    drv.open()
+    return m, s, drv
+
+
+def _drain(drv: NmeaGps, m: int, data: bytes) -> dict:
+    """Write ``data`` to the pty's other end and read until the driver has taken it."""
+    out: list = []
+    th = threading.Thread(target=lambda: out.extend(drv), daemon=True)
+    th.start()
+    os.write(m, data)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and drv.counters["sentences"] < 3:
+        time.sleep(0.02)
+    drv.close()
+    th.join(3)
+    return drv.counters.as_dict()
+
+
+def test_opening_the_port_mid_sentence_is_not_garbage():
+    """The receiver was talking before we listened: the tail of its sentence before the
+    first ``$`` is skipped and counted as such, not as line noise."""
+    m, s, drv = _pty_driver()
+    try:
+        tail = VALID[0][20:]
+        c = _drain(drv, m, tail + b"".join(VALID))
+    finally:
+        os.close(m)
+        os.close(s)
+    assert c["startup_skipped_bytes"] == len(tail) and c["sentences"] == 3
+    assert c.get("garbage_bytes", 0) == 0 and c["corrupt"] == 0
+
+
+def test_a_line_that_never_sends_a_sentence_start_is_garbage_after_a_frame():
+    m, s, drv = _pty_driver()
+    try:
+        noise = b"\x00\x11" * 400
+        c = _drain(drv, m, noise + b"".join(VALID))
+    finally:
+        os.close(m)
+        os.close(s)
+    assert c["startup_skipped_bytes"] == 256
+    assert c["garbage_bytes"] == len(noise) - 256 and c["sentences"] == 3
