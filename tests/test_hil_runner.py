@@ -512,6 +512,7 @@ def test_faults_scenario(tmp_path):
 
 
 @pytest.mark.hil
+@pytest.mark.realtime  # its assertions are issue 5's 0.1 ms goals: a host stall breaks them
 def test_clock_stress_scenario(tmp_path):
     rep = _scenario_run("clock-stress", tmp_path, timeout=400)
     for dev in ("camera", "lidar", "gps"):
