@@ -58,6 +58,7 @@ from drivers.base import Driver, DriverOptions
 from drivers.registry import register
 
 from .errors import BundleError, DriverError
+from .realtime import realtime_thread
 from .manifest import MANIFEST_SUFFIX, manifest_path, read_manifest
 from .schemas import POINT_DTYPE
 from .segment import ACTIVE_SUFFIX
@@ -1293,16 +1294,10 @@ def _min_period_ns(reader: SessionReader, streams: set[str]) -> int:
 
 
 def _try_realtime(priority: int = 10) -> bool:
-    """Give the calling thread SCHED_FIFO (Linux; needs root or CAP_SYS_NICE) and lower
-    the interpreter's switch interval to 0.2 ms, so that a woken pacing thread gets the
-    GIL back from busy threads within that, not the default 5 ms."""
-    import sys
-
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    """:func:`agent.realtime.realtime_thread` for the calling thread, with a warning when
+    SCHED_FIFO is refused (pacing then uses the normal scheduler)."""
+    if realtime_thread(priority):
         return True
-    except (AttributeError, PermissionError, OSError) as e:
-        log.warning("replay: realtime scheduling not available (%s); pacing with the "
-                    "normal scheduler", e)
-        return False
+    log.warning("replay: realtime scheduling not available (needs root or CAP_SYS_NICE); "
+                "pacing with the normal scheduler")
+    return False

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from agent.errors import BundleError
+from agent.realtime import SWITCH_INTERVAL_S
 from agent.replay import (NS, MessageRef, ReplaySourceOptions, Record, Session,
                           SessionReader, open_session, select_streams)
 from agent.triggers import Window, merge_windows
@@ -751,7 +752,7 @@ class FileWriter:
             if on and not self._switching:
                 if cls._open_writers == 0:
                     cls._saved_interval = sys.getswitchinterval()
-                    sys.setswitchinterval(min(cls._saved_interval, 0.0002))
+                    sys.setswitchinterval(min(cls._saved_interval, SWITCH_INTERVAL_S))
                 cls._open_writers += 1
             elif not on and self._switching:
                 cls._open_writers -= 1

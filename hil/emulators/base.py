@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from agent.realtime import realtime_thread
+
 from ..scenario import DeviceSettings
 from ..truth import TruthLog
 from ..world import DeviceClock, Jitter, World
@@ -30,21 +32,10 @@ SPIN_NS = 150_000
 
 def punctual_thread() -> None:
     """Let the calling (sender) thread leave on time on a loaded host: SCHED_FIFO where
-    allowed (root / CAP_SYS_NICE; no timer slack either), else nice −10; and a 0.2 ms
-    interpreter switch interval (process-wide), so that a woken sender gets the GIL back
-    within that rather than the default 5 ms. A real device's timing does not suffer from
+    allowed, else nice −10, and a 0.2 ms interpreter switch interval
+    (:func:`agent.realtime.realtime_thread`). A real device's timing does not suffer from
     the host; the emulator's must not either."""
-    import os
-    import sys
-
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except (AttributeError, OSError):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
-        except (AttributeError, OSError):
-            pass
+    realtime_thread(10, nice_fallback=True)
 
 
 def sleep_until(deadline_ns: int, stop: threading.Event | None = None) -> bool:
