@@ -47,7 +47,10 @@ class QualityThresholds:
     blur_history: int = 60
     overexposed_mean: float = 235.0
     underexposed_mean: float = 20.0
-    clip_share: float = 0.01  # share of samples at full scale
+    clip_share: float = 0.01  # share of samples at clip_level or beyond: clipped
+    #: |sample| at or above 0.99 of full scale (int16) counts as clipped: a flat top at
+    #: full scale comes back through a resampling sound server as a ripple just under it
+    clip_level: int = 32_440
     silence_rms: float = 2.0  # int16 RMS below: dead silence
     lidar_min_points_share: float = 0.2  # of the stream's median scan
     gps_max_hdop: float = 5.0
@@ -243,7 +246,8 @@ class QualityMonitor:
             return
         q.blocks += 1
         q.audio_samples += pcm.size
-        q.clipped += int(np.count_nonzero((pcm >= 32767) | (pcm <= -32768)))
+        lvl = self.th.clip_level
+        q.clipped += int(np.count_nonzero((pcm >= lvl) | (pcm <= -lvl)))
         rms = math.sqrt(float(np.mean(np.square(pcm, dtype=np.float64))))
         silent = rms < self.th.silence_rms
         q.silent_blocks += silent

@@ -8,8 +8,8 @@ into, and a microphone source fed by that sink's monitor that the agent records 
         pa.server                          # "unix:/tmp/edgecap-pulse-…/native" (PULSE_SERVER)
         pa.env                             # environment for clients (pactl, pacat, the agent)
 
-``source`` is ``module-remap-source`` over the monitor: the same samples (same rate, format
-and channels; bit-exact), but it can be unplugged (``unplug_mic``: the module is unloaded,
+``source`` is ``module-remap-source`` over the monitor: the same samples at ``rate`` (format
+and channels unchanged), but it can be unplugged (``unplug_mic``: the module is unloaded,
 every stream recording it dies as when a USB microphone is pulled, and opening it fails)
 and plugged back (``plug_mic``, ~40 ms to first data) while the sink and the emulator keep
 running with undisturbed timing. Recording ``monitor`` directly works too. The monitor is
@@ -22,6 +22,20 @@ recorders of a vanished source end instead of being moved. ``private=None`` reus
 that already answers in the current environment (only the modules are loaded into it and
 unloaded again; its own rescue setting applies) and starts a private one when none runs.
 Running as root works in user mode (the daemon warns).
+
+The sink's clock. The null sink runs at ``clock_rate`` (50 kHz), not at the clients' ``rate``
+(48 kHz): it advances its clock by ``pa_bytes_to_usec(chunk)`` per rendered chunk, which
+truncates to whole microseconds, and on a loaded host (late wake-ups, chunks of odd sizes)
+a 48 kHz sink, whose frame is 20.83 µs, ran up to ~50 ppm fast against the host clock —
+measured in the HIL as the monitor's samples arriving 3.7 ms early after 80 s, seen alike by
+the agent and by the keeper. A 50 kHz frame is 20 µs, so the sink keeps the host's time
+exactly and the emitted sample ``i`` is heard at its scheduled time. The server resamples
+the player's 48 kHz into the sink and the sink's monitor back to 48 kHz for the mic
+(``speex-float-1``: a fixed delay of a few samples, part of the sound path's fixed latency;
+digital zeros stay zeros; a clipped flat top comes back as a ripple just under full scale,
+as behind any resampling sound server). A private server's ``daemon.conf`` pins its default
+and alternate rates to ``clock_rate``, so that no client switches the sink back to its own
+rate, and its resampler; a reused server keeps its own settings.
 
 The null sink is loaded with ``norewinds=1``: a new player then starts after what the sink
 has already rendered instead of rewinding it, which a monitor cannot follow (it lost the
@@ -56,6 +70,8 @@ import time
 from pathlib import Path
 
 DEFAULT_SINK = "edgecap_hil"
+#: the null sink's own rate: a whole number of microseconds per frame (see the module doc)
+CLOCK_RATE = 50_000
 
 
 class PulseError(RuntimeError):
@@ -94,14 +110,16 @@ def _terminate(p: subprocess.Popen[bytes] | None, wait_s: float = 3.0) -> None:
 
 
 class PulseServer:
-    """A PulseAudio server with the null sink ``sink`` (``rate`` Hz, ``channels``, s16le)
-    and the microphone source ``f"{sink}_mic"`` over its monitor."""
+    """A PulseAudio server with the null sink ``sink`` (``channels``, s16le, running at
+    ``clock_rate`` Hz) and the microphone source ``f"{sink}_mic"`` (``rate`` Hz) over its
+    monitor. ``clock_rate=None`` runs the sink at ``rate`` (see the module doc for why not)."""
 
     def __init__(self, sink: str = DEFAULT_SINK, rate: int = 48_000, channels: int = 1,
                  private: bool | None = True, start_timeout_s: float = 10.0,
-                 keeper_latency_ms: int | None = 20):
+                 keeper_latency_ms: int | None = 20, clock_rate: int | None = CLOCK_RATE):
         self.sink = sink
         self.rate = rate
+        self.clock_rate = clock_rate or rate
         self.channels = channels
         self.private = private
         self.start_timeout_s = start_timeout_s
@@ -214,7 +232,7 @@ class PulseServer:
         """Load the null sink, start the keeper and plug the mic (each only if missing)."""
         with self._lock:
             if self.sink_module is None or not self.has_sink():
-                args = (f"sink_name={self.sink} rate={self.rate} channels={self.channels} "
+                args = (f"sink_name={self.sink} rate={self.clock_rate} channels={self.channels} "
                         f"format=s16le norewinds=1 sink_properties=device.description=edgecap-HIL")
                 self.sink_module = self._load("module-null-sink", args)
                 self._start_keeper()
@@ -235,7 +253,7 @@ class PulseServer:
             if self.mic_module is not None and self.has_source(self.source):
                 return
             args = (f"master={self.monitor} source_name={self.source} "
-                    f"channels={self.channels} remix=no "
+                    f"rate={self.rate} channels={self.channels} remix=no "
                     f"source_properties=device.description=edgecap-HIL-mic")
             self.mic_module = self._load("module-remap-source", args)
             if self.owned:
@@ -313,7 +331,9 @@ class PulseServer:
                "PULSE_RUNTIME_PATH": str(d / "run"), "PULSE_STATE_PATH": str(d / "state"),
                "XDG_CONFIG_HOME": str(d / "home"), "PULSE_SERVER": f"unix:{sock}",
                "PULSE_CONFIG": str(d / "daemon.conf")}
-        (d / "daemon.conf").write_text("rescue-streams = no\n")
+        (d / "daemon.conf").write_text(
+            "rescue-streams = no\n"
+            f"default-sample-rate = {self.clock_rate}\nalternate-sample-rate = {self.clock_rate}\n")
         env.pop("DISPLAY", None)
         env.pop("DBUS_SESSION_BUS_ADDRESS", None)
         cmd = ["pulseaudio", "-n", "--daemonize=no", "--use-pid-file=no", "--system=no",

@@ -4,6 +4,7 @@ emulator plays into and sounddevice recording its monitor (issue 3 acceptance)."
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -124,27 +125,34 @@ def test_private_server_stops_even_when_the_body_fails():
 
 
 @pytest.mark.realtime
-def test_mic_is_a_bit_exact_copy_of_the_monitor_and_can_be_unplugged(pa):
+def test_mic_carries_the_played_sound_and_can_be_unplugged(pa):
+    """What is played comes out of the monitor and of the mic alike. The sink runs at its
+    own 50 kHz clock (hil.pulse), so both are resampled copies: compared by correlation
+    and level, not bit for bit."""
     def rec(dev: str) -> subprocess.Popen:
         return subprocess.Popen(["parec", "--raw", "--format=s16le", f"--rate={RATE}",
                                  "--channels=1", f"--device={dev}", "--latency-msec=100"],
                                 env={**os.environ, **pa.env}, stdout=subprocess.PIPE)
     recs = [rec(pa.monitor), rec(pa.source)]
     time.sleep(0.2)
-    x = np.round(np.random.default_rng(1).uniform(-1, 1, RATE // 2) * 32767).astype("<i2")
-    x[:100] = 32767  # full scale passes unchanged
-    player = _play(pa, x.astype(np.float64) / 32767)
+    x = np.random.default_rng(1).uniform(-0.5, 0.5, RATE // 2)
+    x = np.convolve(x, np.ones(4) / 4, "same")  # sound, not noise at the Nyquist rate
+    player = _play(pa, x)
     player.wait(5)
     time.sleep(0.5)
+    ref = sounds.to_s16(x)[: RATE // 10].astype(np.float64)
     for r in recs:
         r.terminate()
-        g = np.frombuffer(r.stdout.read(), "<i2")
+        g = np.frombuffer(r.stdout.read(), "<i2").astype(np.float64)
         r.wait(2)
-        start = int(np.argmax(g == 32767))
-        seg = g[start:start + RATE // 10]
-        # bit-exact; compared over 0.1 s, as an overloaded machine may make pulse drop
-        # data for a starved recorder later on
-        assert len(seg) == RATE // 10 and np.array_equal(seg, x[:len(seg)])
+        # compared over 0.1 s, as an overloaded machine may make pulse drop data for a
+        # starved recorder later on
+        start = int(np.argmax(xcorr(g, ref)))
+        seg = g[start:start + len(ref)]
+        assert len(seg) == len(ref)
+        corr = float(seg @ ref) / math.sqrt(float(seg @ seg) * float(ref @ ref))
+        assert corr > 0.99, corr
+        assert 0.9 < math.sqrt(float(seg @ seg) / float(ref @ ref)) < 1.1  # same level
     pa.unplug_mic()
     assert not pa.has_source() and pa.has_sink()
     pa.plug_mic()
