@@ -334,14 +334,14 @@ class ClockOptions(BaseModel):
 
     def params(self, stream: str, sample_count: bool = False) -> EstimatorParams:
         """The estimator settings of ``stream``; ``sample_count``: its device clock is an
-        ADC's sample count, which cannot step while it counts (a rising arrival floor is
-        then latency, see :class:`agent.clock_estimator.EstimatorParams`)."""
-        return EstimatorParams(
+        ADC's sample count (see :meth:`EstimatorParams.for_sample_count`)."""
+        p = EstimatorParams(
             window_s=self.window_s, bucket_s=self.bucket_s,
             rebuild_s=8.0 * self.bucket_s,
             jump_threshold_ns=int(self.jump_threshold_ms * 1e6),
             lock_uncertainty_ns=int(self.lock_uncertainty_ms * 1e6),
-            latency_ns=self.latency_ns(stream), floor_rises_are_steps=not sample_count)
+            latency_ns=self.latency_ns(stream))
+        return p.for_sample_count() if sample_count else p
 
     def latency_ns(self, stream: str) -> int:
         return int(round(self.latency_ms.get(stream, 0.0) * 1e6))

@@ -78,6 +78,9 @@ _PRIOR_MAX = 20e-6
 _JUMP_PRIOR_MIN = 3e-6
 #: assumed random wander of an oscillator's skew, per second (for aging priors)
 _SKEW_WANDER = 0.05e-6
+#: least span of device time over which a sample count's fitted skew may overrule a
+#: known prior (s)
+COUNT_AFRESH_SPAN_S = 20.0
 #: floor of the delay-scale estimate (ns): below this the envelope is exact anyway
 _MIN_DELAY_SCALE = 1_000.0
 #: device time after a jump during which it may still be undone
@@ -121,10 +124,24 @@ class EstimatorParams:
     #: cannot step while it counts on (an ADC's sample count without a gap): there a
     #: rising floor is added latency (a sound server's buffer grew), not time
     floor_rises_are_steps: bool = True
+    #: a fitted skew that disagrees with a well-known prior (the skew from before a jump
+    #: or a cut) replaces it only once the window spans this much device time; 0: from
+    #: six buckets on. See :meth:`for_sample_count`
+    skew_afresh_span_s: float = 0.0
     latency_ns: int = 0             #: known fixed one-way latency, subtracted when mapping
     max_skew_ppm: float = 1000.0    #: fitted skews are clamped to ±this (no oscillator is
     #:                                 further off; a steeper hull edge is a floor change)
     residual_ring: int = 64         #: recent residuals kept for the jitter estimate
+
+    def for_sample_count(self) -> "EstimatorParams":
+        """These settings for an ADC's sample count: it cannot step while it counts (a
+        rising floor is latency, not time), and its rate is steady -- a re-plugged mic is
+        the same oscillator -- while a new stream's blocks come in bursts for its first
+        seconds: a skew fitted on those may overrule the skew carried over only from
+        ``COUNT_AFRESH_SPAN_S`` of data on (after a re-plug, 6 s of bursts fitted 230 ppm
+        against the 5 ppm measured before)."""
+        return replace(self, floor_rises_are_steps=False,
+                       skew_afresh_span_s=max(self.skew_afresh_span_s, COUNT_AFRESH_SPAN_S))
 
     def __post_init__(self) -> None:
         if not (self.bucket_s > 0 and self.window_s >= 4 * self.bucket_s):
@@ -157,6 +174,7 @@ class ClockEstimator:
         self._window_ns = int(p.window_s * 1e9)
         self._rebuild_every = max(1, int(round(p.rebuild_s / p.bucket_s)))
         self._confirm_span_ns = int(p.jump_confirm_s * 1e9)
+        self._afresh_span_ns = int(p.skew_afresh_span_s * 1e9)
         self._thr = float(p.jump_threshold_ns)
         self._max_skew = p.max_skew_ppm * 1e-6
         self.latency_ns = int(p.latency_ns)
@@ -510,6 +528,7 @@ class ClockEstimator:
             s_lp = _envelope_lp(hull, xbar)[0]
             sig_lp = 8.0 * mu / (n * span)
             if (self._prior_known and len(self._buckets) >= 6
+                    and span >= self._afresh_span_ns
                     and abs(s_lp - s0) > 8.0 * math.hypot(sig_lp, sp)):
                 self._prior_sigma = sp = _SKEW_SPREAD  # the skew changed: measure afresh
             # precision-weighted with the prior (the old skew, or nominal ±200 ppm)
@@ -700,9 +719,7 @@ class AudioClock:
         self.sample_rate_hz = float(sample_rate_hz)
         fr = Fraction(sample_rate_hz).limit_denominator(1_000_000)
         self._num, self._den = fr.numerator, fr.denominator
-        # a sample count cannot step while it counts: a rising floor is latency
-        self.estimator = ClockEstimator(replace(params or EstimatorParams(),
-                                                floor_rises_are_steps=False))
+        self.estimator = ClockEstimator((params or EstimatorParams()).for_sample_count())
 
     def index_to_ns(self, index: int) -> int:
         """Frame index → device ns at the nominal rate, exact integer arithmetic."""
