@@ -3,7 +3,9 @@
 ``Timebase.now_ns()`` reads the session's clock: ``monotonic`` (default), ``realtime``,
 ``tai`` or a PTP hardware clock (``/dev/ptpN`` through its dynamic POSIX clock id).
 ``Timebase.utc_mapping()`` states how the timebase relates to UTC and how well that is
-known (chrony, else the kernel's own error bound, else "unknown").
+known (chrony, else the kernel's own error bound, else "unknown"); with a GPS receiver's
+PPS edges locked, :meth:`ClockStage.utc_mapping` takes UTC from them instead (source
+``gps-pps``) and carries the system clock's view along for comparison.
 
 ``ClockStage.stamp(sample, device_clock_is_timebase)`` sets ``sample.t_ns``. It is called
 in each driver's reader thread, before the sample is queued, never blocks and costs a few
@@ -713,6 +715,52 @@ class ClockStage:
         if include_utc and (self._utc_last_ns is None
                             or now_ns - self._utc_last_ns >= utc_period):
             self._utc_last_ns = now_ns
-            out.append(Sample(UTC_TOPIC, self.timebase.utc_mapping(), host_rx_ns=mono,
+            out.append(Sample(UTC_TOPIC, self.utc_mapping(), host_rx_ns=mono,
                               t_ns=now_ns))
         return out
+
+    def utc_mapping(self) -> dict[str, Any]:
+        """``UTC ≈ timebase + utc_minus_timebase_ns`` now. From GPS + PPS when a clock
+        domain's reference estimator (PPS edges labelled with their UTC second) is LOCKED
+        and its newest edge is at most ``ref_holdover_s`` old: ``source`` ``gps-pps``,
+        ``sync`` ``pps``, the uncertainty that estimator states (growing with the edge's
+        age), and in ``details`` the system clock's own mapping (``system``) and how far
+        it is off (``system_minus_pps_ns``). Otherwise the system clock's
+        (:meth:`Timebase.utc_mapping`). Any thread; blocks like that method (chronyc)."""
+        system = self.timebase.utc_mapping()
+        pps = self._pps_utc(int(system["timebase_ns"]))
+        if pps is None:
+            return system
+        pps["details"]["system"] = {k: system[k] for k in (
+            "utc_minus_timebase_ns", "uncertainty_ns", "sync", "source")}
+        pps["details"]["system_minus_pps_ns"] = (int(system["utc_minus_timebase_ns"])
+                                                 - pps["utc_minus_timebase_ns"])
+        return pps
+
+    def _pps_utc(self, now_tb: int) -> dict[str, Any] | None:
+        """The best (least uncertain) UTC mapping any domain's PPS estimator gives at
+        timebase ``now_tb``, or None. Its device time is UTC, so UTC at ``now_tb`` is the
+        device time that maps there (solved by two fixed-point steps: exact to skew²)."""
+        holdover = int(self.options.ref_holdover_s * 1e9)
+        best: dict[str, Any] | None = None
+        for d in list(self._domains.values()):
+            with d.lock:
+                r = d.ref
+                if r is None or r.state is not LockState.LOCKED or r.last_dev_ns is None:
+                    continue
+                last = r.last_dev_ns
+                age = now_tb - r.map(last)
+                if not -holdover <= age <= holdover:
+                    continue
+                utc = now_tb - (r.map(last) - last)
+                utc = now_tb - (r.map(utc) - utc)
+                unc = r.uncertainty_at(utc)
+                n = d.ref_samples
+            if unc is None or (best is not None and unc >= best["uncertainty_ns"]):
+                continue
+            best = {"timebase": self.timebase.kind, "timebase_ns": now_tb,
+                    "utc_minus_timebase_ns": utc - now_tb, "uncertainty_ns": unc,
+                    "sync": "pps", "source": "gps-pps",
+                    "details": {"domain": d.name, "pps_edges": n,
+                                "edge_age_ms": round(age / 1e6, 3)}}
+        return best

@@ -658,6 +658,15 @@ class ClockEstimator:
         dev = self.last_dev_ns
         return None if dev is None else self.map(dev) - dev
 
+    def uncertainty_at(self, device_t_ns: int) -> int | None:
+        """Stated uncertainty (ns) of ``map(device_t_ns)``: the newest point's, plus three
+        times the skew's 1σ over the distance beyond the newest device time (holdover).
+        None before any fit."""
+        if self.uncertainty_ns is None or self.last_dev_ns is None:
+            return None
+        beyond = abs(int(device_t_ns) - self.last_dev_ns)
+        return self.uncertainty_ns + int(round(3.0 * self._sigma * beyond))
+
     @property
     def skew_ppm(self) -> float:
         """d(timebase − device)/d(device) × 1e6: positive when the device clock runs slow."""

@@ -266,3 +266,46 @@ def test_span_arrival_is_learned_from(rate_hz):
         if k >= 100:
             e2.append(s.t_ns - true0)
     assert np.median(e2) >= 1_400_000
+
+
+def _pps_until(stage: ClockStage, end_mono: int, seconds: int, ppm: float) -> None:
+    """``seconds`` + 1 PPS edges (and a fix each, its NMEA 30 ms late) whose last edge is
+    at host-monotonic ``end_mono``; the receiver's UTC is true and the host clock runs
+    ``ppm`` fast against it."""
+    rng = np.random.default_rng(1)
+    k = 1 + ppm * 1e-6
+    for i in range(seconds + 1):
+        utc = UTC0 + i * NS
+        true = end_mono - int(round((seconds - i) * NS * k))
+        stage.stamp(Sample(REF, {"kind": "pps"}, true + int(abs(rng.normal(0, 1000))),
+                           device_t_ns=utc, meta={"clock_ref": "pps"}), False)
+        stage.stamp(Sample(FIX, {"lat": 0.0}, true + 30_000_000, device_t_ns=utc), False)
+
+
+def test_utc_is_taken_from_gps_pps_while_it_is_locked():
+    import time
+
+    stage = gps_stage()
+    assert stage.utc_mapping()["source"] != "gps-pps"  # no edges yet: the system clock
+    ppm, end = 40.0, time.monotonic_ns()
+    _pps_until(stage, end, 30, ppm)
+    m = stage.utc_mapping()
+    assert m["source"] == "gps-pps" and m["sync"] == "pps"
+    tb = m["timebase_ns"]
+    true_utc = UTC0 + 30 * NS + (tb - end) / (1 + ppm * 1e-6)
+    err = tb + m["utc_minus_timebase_ns"] - true_utc
+    assert abs(err) <= m["uncertainty_ns"] < 100_000, (err, m)
+    d = m["details"]
+    assert d["domain"] == FIX and d["pps_edges"] == 31 and d["edge_age_ms"] >= 0
+    # the system clock's view rides along, and how far it is off GPS
+    assert d["system_minus_pps_ns"] == (d["system"]["utc_minus_timebase_ns"]
+                                        - m["utc_minus_timebase_ns"])
+
+
+def test_utc_falls_back_to_the_system_clock_when_the_pps_is_stale():
+    import time
+
+    stage = gps_stage(ref_holdover_s=2.0)
+    _pps_until(stage, time.monotonic_ns() - 5 * NS, 30, 0.0)  # last edge 5 s ago
+    m = stage.utc_mapping()
+    assert m["source"] != "gps-pps" and "system" not in (m.get("details") or {})
