@@ -213,8 +213,19 @@ class Timebase:
 
     def utc_mapping(self) -> dict[str, Any]:
         """``UTC ≈ timebase + utc_minus_timebase_ns`` now, with a stated uncertainty (None
-        when the system clock's sync is unknown). Blocks up to ~1 s when ``chronyc`` is
-        installed but slow; call it from a housekeeping thread, not a reader thread."""
+        when the system clock's sync is unknown). A PTP hardware clock timebase whose
+        ``ptp4l`` answers ``pmc`` with a grandmaster present on the PTP timescale is TAI:
+        UTC is it minus the grandmaster's UTC offset, known to within |master offset|
+        (source ``ptp4l``). Otherwise through the system clock (chrony, the kernel).
+        Blocks up to ~1 s when ``chronyc``/``pmc`` is installed but slow; call it from a
+        housekeeping thread, not a reader thread."""
+        if self.kind == "ptp":
+            st = ptp4l_state()
+            m = ptp_utc_offset(st) if st is not None else None
+            if m is not None:
+                return {"timebase": self.kind, "timebase_ns": self.now_ns(),
+                        "utc_minus_timebase_ns": m[0], "uncertainty_ns": m[1],
+                        "sync": "synchronized", "source": "ptp4l", "details": st}
         utc_minus_tb, read_ns = self._measure(time.time_ns)
         sync = system_clock_sync()
         unc = sync["error_bound_ns"]
@@ -292,6 +303,66 @@ def kernel_clock_sync() -> dict[str, Any] | None:
             "error_bound_ns": tx.maxerror * 1000 if synced else None,
             "details": {"maxerror_us": tx.maxerror, "esterror_us": tx.esterror,
                         "status": tx.status, "tai_s": tx.tai, "clock_state": rc}}
+
+
+def parse_pmc(text: str) -> dict[str, str]:
+    """The ``name value`` fields of ``pmc`` RESPONSE blocks (linuxptp's management
+    client), later responses overriding earlier ones."""
+    out: dict[str, str] = {}
+    in_resp = False
+    for line in text.splitlines():
+        if "RESPONSE MANAGEMENT" in line:
+            in_resp = True
+            continue
+        if not line.strip():
+            continue
+        if not line.startswith(("\t", " ")):  # "sending: …": a new request
+            in_resp = False
+            continue
+        f = line.split()
+        if in_resp and len(f) >= 2:
+            out[f[0]] = f[1]
+    return out
+
+
+def ptp4l_state(timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """``ptp4l``'s view through ``pmc -u -b 0`` (TIME_STATUS_NP and
+    TIME_PROPERTIES_DATA_SET), or None when pmc is missing, fails or gives no answer:
+    ``gm_present``, ``gm_identity``, ``master_offset_ns`` (the PHC against the
+    grandmaster), ``utc_offset_s`` (TAI − UTC) and ``ptp_timescale``."""
+    exe = shutil.which("pmc")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "-u", "-b", "0", "GET TIME_STATUS_NP",
+                              "GET TIME_PROPERTIES_DATA_SET"], capture_output=True,
+                             text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    f = parse_pmc(out.stdout)
+    if out.returncode != 0 or "master_offset" not in f:
+        return None
+    try:
+        return {"gm_present": f.get("gmPresent") == "true",
+                "gm_identity": f.get("gmIdentity"),
+                "master_offset_ns": int(f["master_offset"]),
+                "utc_offset_s": int(f["currentUtcOffset"]) if "currentUtcOffset" in f
+                else None,
+                "ptp_timescale": f.get("ptpTimescale") == "1" if "ptpTimescale" in f
+                else None}
+    except ValueError:
+        return None
+
+
+def ptp_utc_offset(state: dict[str, Any]) -> tuple[int, int] | None:
+    """``(utc_minus_timebase_ns, uncertainty_ns)`` of a PTP hardware clock that ptp4l
+    disciplines, from :func:`ptp4l_state`: a grandmaster present on the PTP timescale
+    makes the PHC TAI, so UTC = PHC − the TAI−UTC offset, within |master offset|. None
+    when that does not hold (no grandmaster, ARB timescale, offset unknown)."""
+    if not state.get("gm_present") or state.get("ptp_timescale") is not True \
+            or state.get("utc_offset_s") is None:
+        return None
+    return -int(state["utc_offset_s"]) * 1_000_000_000, abs(int(state["master_offset_ns"]))
 
 
 def system_clock_sync(timeout_s: float = 1.0) -> dict[str, Any]:

@@ -253,3 +253,46 @@ def test_utc_mapping_without_chrony_is_honest(tmp_path, monkeypatch):
         assert (kern["error_bound_ns"] is None) == (kern["sync"] != "synchronized")
     m = Timebase().utc_mapping()
     assert (m["uncertainty_ns"] is None) == (rep["error_bound_ns"] is None)
+
+
+PMC_OUT = """sending: GET TIME_STATUS_NP
+\tec4670.fffe.0c5a74-1 seq 0 RESPONSE MANAGEMENT TIME_STATUS_NP
+\t\tmaster_offset              -23
+\t\tingress_time               1577836800123456789
+\t\tcumulativeScaledRateOffset +0.000000000
+\t\tscaledLastGmPhaseChange    0
+\t\tgmTimeBaseIndicator        0
+\t\tlastGmPhaseChange          0x0000'0000000000000000.0000
+\t\tgmPresent                  true
+\t\tgmIdentity                 001122.fffe.334455
+sending: GET TIME_PROPERTIES_DATA_SET
+\tec4670.fffe.0c5a74-1 seq 1 RESPONSE MANAGEMENT TIME_PROPERTIES_DATA_SET
+\t\tcurrentUtcOffset      37
+\t\tleap61                0
+\t\tleap59                0
+\t\tcurrentUtcOffsetValid 1
+\t\tptpTimescale          1
+\t\ttimeTraceable         1
+\t\tfrequencyTraceable    1
+\t\ttimeSource            0x20
+"""
+
+
+def test_ptp4l_state_is_read_through_pmc(tmp_path, monkeypatch):
+    from agent.clock import ptp4l_state, ptp_utc_offset
+
+    fake = tmp_path / "pmc"
+    (tmp_path / "out.txt").write_text(PMC_OUT)
+    fake.write_text(f"#!/bin/sh\n[ \"$1 $2 $3\" = '-u -b 0' ] || exit 2\ncat {tmp_path}/out.txt\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    st = ptp4l_state()
+    assert st == {"gm_present": True, "gm_identity": "001122.fffe.334455",
+                  "master_offset_ns": -23, "utc_offset_s": 37, "ptp_timescale": True}
+    # a PHC on the PTP timescale is TAI: UTC = PHC - 37 s, within |master offset|
+    assert ptp_utc_offset(st) == (-37_000_000_000, 23)
+    assert ptp_utc_offset({**st, "gm_present": False}) is None  # free-running: no claim
+    assert ptp_utc_offset({**st, "ptp_timescale": False}) is None  # ARB timescale
+    # ptp4l not running: pmc answers nothing
+    fake.write_text("#!/bin/sh\necho 'sending: GET TIME_STATUS_NP'\n")
+    assert ptp4l_state() is None
