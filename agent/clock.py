@@ -820,10 +820,11 @@ class ClockStage:
                 if r is None or r.state is not LockState.LOCKED or r.last_dev_ns is None:
                     continue
                 last = r.last_dev_ns
-                age = now_tb - r.map(last)
+                last_tb = r.map(last)
+                age = now_tb - last_tb
                 if not -holdover <= age <= holdover:
                     continue
-                utc = now_tb - (r.map(last) - last)
+                utc = now_tb - (last_tb - last)
                 utc = now_tb - (r.map(utc) - utc)
                 unc = r.uncertainty_at(utc)
                 n = d.ref_samples

@@ -30,12 +30,14 @@ a 48 kHz sink, whose frame is 20.83 µs, ran up to ~50 ppm fast against the host
 measured in the HIL as the monitor's samples arriving 3.7 ms early after 80 s, seen alike by
 the agent and by the keeper. A 50 kHz frame is 20 µs, so the sink keeps the host's time
 exactly and the emitted sample ``i`` is heard at its scheduled time. The server resamples
-the player's 48 kHz into the sink and the sink's monitor back to 48 kHz for the mic
-(``speex-float-1``: a fixed delay of a few samples, part of the sound path's fixed latency;
-digital zeros stay zeros; a clipped flat top comes back as a ripple just under full scale,
-as behind any resampling sound server). A private server's ``daemon.conf`` pins its default
-and alternate rates to ``clock_rate``, so that no client switches the sink back to its own
-rate, and its resampler; a reused server keeps its own settings.
+the player's 48 kHz into the sink and the sink's monitor back to 48 kHz for the mic with
+its default resampler (speex: a fixed delay of a few samples, part of the sound path's
+fixed latency; digital zeros stay zeros; a clipped flat top comes back as a ripple just
+under full scale, as behind any resampling sound server). A private server's
+``daemon.conf`` pins its default and alternate rates to ``clock_rate``, so that no client
+switches the sink back to its own rate; a reused server keeps its own settings. (Running
+the server with real-time scheduling was tried and left off: it put a 4 s sawtooth of
+±3 ms into the mic's arrivals.)
 
 The null sink is loaded with ``norewinds=1``: a new player then starts after what the sink
 has already rendered instead of rewinding it, which a monitor cannot follow (it lost the
