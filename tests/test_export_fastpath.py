@@ -212,6 +212,28 @@ def test_copies_and_links_in_either_writer(tmp_path, monkeypatch, process) -> No
     assert w.files == 42 and w.copied == 20
 
 
+def test_copy_jobs_go_to_the_helper_in_batches(tmp_path, monkeypatch) -> None:
+    from agent.export import common
+
+    monkeypatch.setattr(FileWriter, "copier_process", True)
+    monkeypatch.setattr(common, "COPY_BATCH_S", 60.0)  # only the count flushes here
+    src = tmp_path / "seg.bin"
+    src.write_bytes(os.urandom(50_000))
+    writes: list[int] = []
+    with FileWriter() as w:
+        for k in range(common.COPY_BATCH + 3):
+            w.write(tmp_path / "out" / f"{k}.jpg", MessageRef(src, k, 1000))
+            if k == 0:
+                stdin = w._proc.stdin
+                real = stdin.write
+                monkeypatch.setattr(stdin, "write", lambda b: writes.append(len(b)) or real(b),
+                                    raising=False)
+    # one write for the full batch, one by close for the last 3 jobs
+    assert len(writes) == 2 and writes[0] > 5 * writes[1] > 0
+    for k in range(common.COPY_BATCH + 3):
+        assert (tmp_path / "out" / f"{k}.jpg").read_bytes() == src.read_bytes()[k:k + 1000]
+
+
 def _frame(ref: MessageRef) -> Frame:
     info = StreamInfo("/camera/x", StreamKind.CAMERA, "jpeg", 10.0)
     return Frame(Sample("/camera/x", ref, 0, t_ns=0), info)

@@ -33,6 +33,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,6 +544,12 @@ class Progress:
             self._p = None
 
 
+#: jobs for the copy helper written to it at once, and the longest a job waits for its
+#: batch to fill (checked when the next job comes; ``close`` writes the rest)
+COPY_BATCH = 16
+COPY_BATCH_S = 0.005
+
+
 class FileWriter:
     """Writes export files off the exporting thread. ``write`` takes bytes; a
     :class:`MessageRef` whose bytes are copied from the segment file in the kernel
@@ -589,6 +596,9 @@ class FileWriter:
         self._proc: Any = None  # the copy helper, once started
         self._use_process = self.copier_process and bool(sys.executable)
         self._copied_by_helper: set[str] = set()
+        self._batch = bytearray()  # jobs for the helper not yet written (see _send)
+        self._batched = 0
+        self._batch_t = 0.0
         self._switching = False
         self._fast_switching(True)
         self.files = 0
@@ -652,8 +662,24 @@ class FileWriter:
         return self._proc
 
     def _send(self, *fields: bytes) -> None:
+        """Queue one job for the copy helper; jobs go down the pipe in batches of
+        :data:`COPY_BATCH` (or after :data:`COPY_BATCH_S`, checked at the next job), so the
+        exporting thread pays one write, and the helper one wake-up, per batch."""
         job = b"\0".join(fields)
-        view = memoryview(len(job).to_bytes(4, "little") + job)
+        if not self._batch:
+            self._batch_t = time.monotonic()
+        self._batch += len(job).to_bytes(4, "little") + job
+        self._batched += 1
+        if self._batched >= COPY_BATCH or time.monotonic() - self._batch_t > COPY_BATCH_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the batched jobs to the copy helper."""
+        if not self._batch or self._proc is None:
+            return
+        view = memoryview(bytes(self._batch))
+        self._batch.clear()
+        self._batched = 0
         try:
             while view:
                 view = view[self._proc.stdin.write(view):]
@@ -730,6 +756,10 @@ class FileWriter:
         if proc is None:
             return None
         try:
+            view = memoryview(bytes(self._batch))
+            self._batch.clear()
+            while view:  # the jobs still batched
+                view = view[proc.stdin.write(view):]
             proc.stdin.close()
         except BrokenPipeError:
             pass
