@@ -550,6 +550,13 @@ COPY_BATCH = 16
 COPY_BATCH_S = 0.005
 
 
+def _write_all(out: Any, data: bytes | bytearray) -> None:
+    """Write all of ``data`` to the unbuffered file ``out`` (a write may take part)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
+
+
 class FileWriter:
     """Writes export files off the exporting thread. ``write`` takes bytes; a
     :class:`MessageRef` whose bytes are copied from the segment file in the kernel
@@ -675,14 +682,9 @@ class FileWriter:
 
     def _flush(self) -> None:
         """Write the batched jobs to the copy helper."""
-        if not self._batch or self._proc is None:
-            return
-        view = memoryview(bytes(self._batch))
-        self._batch.clear()
-        self._batched = 0
+        batch, self._batch, self._batched = self._batch, bytearray(), 0
         try:
-            while view:
-                view = view[self._proc.stdin.write(view):]
+            _write_all(self._proc.stdin, batch)
         except BrokenPipeError:
             self._errors.append(self._helper_failure() or
                                 BundleError("the export's copy process ended early"))
@@ -756,10 +758,8 @@ class FileWriter:
         if proc is None:
             return None
         try:
-            view = memoryview(bytes(self._batch))
-            self._batch.clear()
-            while view:  # the jobs still batched
-                view = view[proc.stdin.write(view):]
+            batch, self._batch = self._batch, bytearray()
+            _write_all(proc.stdin, batch)  # the jobs still batched
             proc.stdin.close()
         except BrokenPipeError:
             pass
